@@ -1,0 +1,121 @@
+"""Plain, frozen, typed configuration for a Knowledge Evolution run.
+
+`ke_tf.main` turns absl flags into these objects once; every library module takes them as
+arguments and never reads `absl.flags.FLAGS`, so tests and Python users build them directly.
+Each `validate()` raises `ConfigError` naming the offending flag (the flag's name is the field's).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """Bad usage or bad input: the message names the flag or file. The CLI exits with status 2."""
+
+
+def _require(cond: bool, flag: str, msg: str, value) -> None:
+    if not cond:
+        raise ConfigError(f"--{flag} {msg}. Received: {flag}={value!r}")
+
+
+PAPER_DATASETS = ("oxford_flowers102", "caltech_birds2011", "stanford_dogs", "cars196")
+DATASETS = ("digits",) + PAPER_DATASETS  # plus "folder:PATH"
+TASKS = ("classification", "metric")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which data, how it is cut into batches and augmented (see `ke_tf.data`).
+
+    dataset: "digits" (embedded, offline), a tfds name from PAPER_DATASETS, or "folder:PATH".
+    data_dir / manual_dir: tfds directories (None: tfds' defaults).
+    image_size: side of the square images fed to the network, in pixels.
+    batch_size: training batch size; for task="metric" it must equal p_classes * k_images.
+    task: "classification" (logits) or "metric" (class-disjoint train/test, P x K batches).
+    digits_per_class: training images per class in the embedded digits subset (the rest is test).
+    recal_images: training images (no augmentation) used to re-estimate the slim network's
+      BatchNorm statistics.
+    seed: shuffling and augmentation seed.
+    """
+
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    manual_dir: Optional[str] = None
+    image_size: int = 32
+    batch_size: int = 32
+    task: str = "classification"
+    p_classes: int = 25
+    k_images: int = 5
+    digits_per_class: int = 10
+    recal_images: int = 512
+    seed: int = 0
+
+    def validate(self) -> "DataConfig":
+        ds = self.dataset
+        _require(ds in DATASETS or (ds.startswith("folder:") and len(ds) > len("folder:")),
+                 "dataset", f"must be one of {', '.join(DATASETS)} or folder:PATH", ds)
+        _require(self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}", self.task)
+        _require(8 <= self.image_size <= 1024, "image_size", "must be in [8, 1024]", self.image_size)
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        _require(self.digits_per_class >= 1, "digits_per_class", "must be >= 1", self.digits_per_class)
+        _require(self.recal_images >= 1, "recal_images", "must be >= 1", self.recal_images)
+        if self.task == "metric":
+            _require(self.p_classes >= 2, "p_classes", "must be >= 2", self.p_classes)
+            _require(self.k_images >= 2, "k_images", "must be >= 2", self.k_images)
+            _require(self.batch_size == self.p_classes * self.k_images, "batch_size",
+                     f"must equal --p_classes * --k_images = {self.p_classes * self.k_images} "
+                     "for --task=metric", self.batch_size)
+        return self
+
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "vgg11_bn", "densenet121", "densenet169", "googlenet")
+STEMS = ("imagenet", "small")
+HEADS = ("logits", "embedding")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture (see `ke_tf.networks.build`). stem=None picks "small" for images <= 64 px."""
+
+    arch: str = "resnet18"
+    stem: Optional[str] = None
+    width_multiplier: float = 1.0
+    head: str = "logits"
+    embedding_dim: int = 128
+
+    def validate(self) -> "ModelConfig":
+        _require(self.arch in ARCHS, "arch", f"must be one of {', '.join(ARCHS)}", self.arch)
+        _require(self.stem is None or self.stem in STEMS, "stem",
+                 f"must be one of {', '.join(STEMS)}", self.stem)
+        _require(0 < self.width_multiplier <= 4, "width_multiplier", "must be in (0, 4]",
+                 self.width_multiplier)
+        _require(self.head in HEADS, "head", f"must be one of {', '.join(HEADS)}", self.head)
+        _require(self.embedding_dim >= 2, "embedding_dim", "must be >= 2", self.embedding_dim)
+        return self
+
+
+SPLIT_MODES = ("kels", "wels")
+RESET_INITS = ("layer", "torch_default")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    """How the network is split into fit / reset hypotheses (sec. 3.2) and how the reset part is
+    re-drawn (Eq. 1). reset_init="layer": each layer's own initializer; "torch_default":
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as the official PyTorch code."""
+
+    split_mode: str = "kels"
+    split_rate: float = 0.8
+    reset_init: str = "layer"
+
+    def validate(self) -> "SplitConfig":
+        _require(self.split_mode in SPLIT_MODES, "split_mode",
+                 f"must be one of {', '.join(SPLIT_MODES)}", self.split_mode)
+        _require(isinstance(self.split_rate, (int, float)) and not math.isnan(self.split_rate)
+                 and 0.0 < self.split_rate <= 1.0, "split_rate", "must be in (0, 1]",
+                 self.split_rate)
+        _require(self.reset_init in RESET_INITS, "reset_init",
+                 f"must be one of {', '.join(RESET_INITS)}", self.reset_init)
+        return self

@@ -1,0 +1,138 @@
+"""Split masks: which weights form the fit hypothesis (1) and which the reset hypothesis (0).
+
+Paper sec. 3.1-3.2 and Algorithm 1 (lines 1-15). A mask is a boolean numpy array of its
+variable's shape, keyed by the Keras 3 `variable.path` (e.g. "conv1/kernel"). Masks are data:
+they are computed here by pure functions of the model's graph and a seed, saved with a run as
+`masks.npz`, and never hidden inside layers.
+
+KELS (kernel-level, Fig. 3): a layer that mixes channels keeps the first ceil(s*C_out) filters
+over the fit input channels, which `ke_tf.graph` follows through the graph (the first conv keeps
+all image channels; concatenations offset each input's channels, appendix B). The layer that
+produces the model's output (classifier or embedding) keeps all its outputs (Alg. 1 l.13), and
+its bias is all fit (sec. 3.1); other biases follow their layer's output channels.
+DepthwiseConv2D kernels follow their input channels. BatchNorm is never masked (its learned
+statistics transfer across generations, sec. 3.1).
+
+WELS (weight-level, sec. 3.2): every kernel weight is fit with probability s, drawn from a
+generator seeded by (seed, variable path); biases stay fit. The mask is fixed for the run unless
+the caller re-draws it with another seed.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Dict
+
+import keras
+import numpy as np
+
+from ke_tf import atomic, graph
+
+Masks = Dict[str, np.ndarray]
+MODES = ("kels", "wels")
+
+
+def kept_channels(n: int, split_rate: float) -> int:
+    """ceil(s * n) of Fig. 3, immune to float noise (0.7 * 10 = 7.000000000000001 keeps 7)."""
+    return max(1, math.ceil(round(split_rate * n, 9)))
+
+
+def _prefix(n: int, split_rate: float) -> np.ndarray:
+    out = np.zeros(n, bool)
+    out[:kept_channels(n, split_rate)] = True
+    return out
+
+
+def masked_layers(model: keras.Model):
+    """(layer, [(variable, role)]) for every layer whose weights KE splits.
+
+    role is "kernel" (input x output channels), "depthwise" (input channels), "pointwise" (the
+    1x1 half of a separable conv) or "bias" (output channels)."""
+    for layer in graph.layers_in_order(model):
+        if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+            roles = [(layer.depthwise_kernel, "depthwise"), (layer.pointwise_kernel, "pointwise")]
+        elif isinstance(layer, graph.DEPTHWISE):
+            roles = [(layer.kernel, "depthwise")]
+        elif isinstance(layer, graph.MIXING):
+            roles = [(layer.kernel, "kernel")]
+        else:
+            continue
+        if getattr(layer, "bias", None) is not None:
+            roles.append((layer.bias, "bias"))
+        yield layer, roles
+
+
+def compute(model: keras.Model, mode: str = "kels", split_rate: float = 0.8, seed: int = 0) -> Masks:
+    """Masks for every conv/dense kernel and bias of `model` (Alg. 1 lines 1-15).
+
+    Args:
+      model: a Keras functional model (channels-last).
+      mode: "kels" (kernel-level, the slim fit hypothesis) or "wels" (weight-level, random).
+      split_rate: s in (0, 1]; the fraction of channels (KELS) or weights (WELS) kept.
+      seed: WELS draws; KELS is deterministic and ignores it.
+    Returns:
+      {variable.path: bool array of the variable's shape}, True = fit hypothesis.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}. Received: mode={mode!r}")
+    if not 0.0 < split_rate <= 1.0:
+        raise ValueError(f"split_rate must be in (0, 1]. Received: split_rate={split_rate!r}")
+    if mode == "wels":
+        return _wels(model, split_rate, seed)
+    return _kels(model, split_rate)
+
+
+def _kels(model, split_rate) -> Masks:
+    outputs = set(graph.output_layers(model))
+
+    def choose_out(layer, in_set):
+        n = layer.output.shape[-1]
+        return np.ones(n, bool) if layer.name in outputs else _prefix(n, split_rate)
+
+    flows = graph.channel_flow(model, choose_out)
+    masks: Masks = {}
+    for layer, roles in masked_layers(model):
+        flow = flows[layer.name]
+        cin, cout = flow.inputs[0], flow.output
+        for var, role in roles:
+            shape = tuple(var.shape)
+            if role == "kernel":
+                m = np.outer(cin, cout)
+            elif role == "depthwise":
+                m = np.repeat(cin[:, None], shape[-1], axis=1)
+            elif role == "pointwise":
+                m = np.outer(np.repeat(cin, layer.depth_multiplier), cout)
+            else:
+                m = cout.copy()
+            masks[var.path] = np.broadcast_to(m, shape).copy()
+    return masks
+
+
+def _wels(model, split_rate, seed) -> Masks:
+    masks: Masks = {}
+    for _, roles in masked_layers(model):
+        for var, role in roles:
+            shape = tuple(var.shape)
+            if role == "bias":
+                masks[var.path] = np.ones(shape, bool)
+            else:
+                rng = np.random.default_rng([seed, zlib.crc32(var.path.encode())])
+                masks[var.path] = rng.random(shape) < split_rate
+    return masks
+
+
+def save(path: str, masks: Masks) -> None:
+    """Write masks to an .npz file atomically (a crash never leaves a half-written file)."""
+    with atomic.open_atomic(path, "wb") as f:
+        np.savez_compressed(f, **masks)
+
+
+def load(path: str) -> Masks:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k].astype(bool) for k in data.files}
+
+
+def fit_fraction(masks: Masks) -> float:
+    """Share of masked weights in the fit hypothesis."""
+    total = sum(m.size for m in masks.values())
+    return sum(int(m.sum()) for m in masks.values()) / max(total, 1)

@@ -1,0 +1,111 @@
+"""The slim fit hypothesis H^Delta as a network of its own (sec. 3.2, appendix Table 6).
+
+Under KELS the fit hypothesis of every layer is a block of the first filters over the fit input
+channels, so H^Delta is a narrower network of the same graph: "equivalent to a dense network
+with approximately (1 - s^2) sparsity" that runs on general-purpose hardware.
+
+`architecture(model, masks)` re-creates every layer of the dense model's own functional graph
+(from `model.get_config()`) with its fit channel count; `extract(model, masks)` also copies the
+fit weights and the matching BatchNorm slices into it. Channel sets are read back from the masks
+and followed through the graph by `ke_tf.graph`, so any supported graph works, keras.applications
+models included. Invariant (tested): in inference mode `extract(model, masks)(x)` equals the
+dense model with its reset hypothesis zeroed.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import keras
+import numpy as np
+
+from ke_tf import graph
+from ke_tf import masks as masks_lib
+
+
+class NotKernelLevelError(ValueError):
+    """The masks do not outline a slim network (e.g. WELS masks)."""
+
+
+def _channel_flow(model: keras.Model, masks: masks_lib.Masks) -> Dict[str, graph.Flow]:
+    """Channel sets of every layer, reading each mixing layer's kept filters from its mask."""
+
+    def choose_out(layer, in_set):
+        kernel = layer.pointwise_kernel if hasattr(layer, "pointwise_kernel") else layer.kernel
+        mask = masks.get(kernel.path)
+        if mask is None:
+            raise ValueError(f"No mask for layer '{layer.name}'. Received: variable={kernel.path}")
+        out = mask.reshape(-1, mask.shape[-1]).any(axis=0)
+        if not np.array_equal(mask, np.broadcast_to(np.outer(in_set, out), mask.shape)):
+            raise NotKernelLevelError(
+                f"The mask of '{kernel.path}' is not kernel-level (fit input channels x first "
+                "filters), so the fit hypothesis is no slim network; slim extraction needs KELS "
+                f"masks. Received: variable={kernel.path}")
+        return out
+
+    return graph.channel_flow(model, choose_out)
+
+
+def architecture(model: keras.Model, masks: masks_lib.Masks) -> keras.Model:
+    """The slim network's architecture with fresh (untrained) weights.
+
+    Every layer of `model` is re-created from its config with its fit channel count: Conv
+    `filters` and Dense `units` become the number of kept filters, and Reshape targets follow.
+    This is also the "train the slim network from scratch" baseline."""
+    return _rebuild(model, _channel_flow(model, masks))
+
+
+def _rebuild(model: keras.Model, flows: Dict[str, graph.Flow]) -> keras.Model:
+    config = model.get_config()
+    config["name"] = f"{model.name}_slim"
+    for layer_config in config["layers"]:
+        layer_config.pop("build_config", None)
+        layer_config.pop("compile_config", None)
+        cfg = layer_config["config"]
+        kept = int(flows[cfg["name"]].output.sum())
+        if "filters" in cfg:
+            cfg["filters"] = kept
+        elif layer_config["class_name"] == "Dense":
+            cfg["units"] = kept
+        elif layer_config["class_name"] == "Reshape" and cfg["target_shape"][-1] != -1:
+            cfg["target_shape"] = tuple(cfg["target_shape"][:-1]) + (kept,)
+    return keras.Model.from_config(config)
+
+
+def _slice(layer, var, value: np.ndarray, flow: graph.Flow) -> np.ndarray:
+    """The fit part of one variable of `layer`, in the slim layer's layout."""
+    in_idx = np.flatnonzero(flow.inputs[0]) if flow.inputs else None
+    out_idx = np.flatnonzero(flow.output)
+    if var is getattr(layer, "bias", None):
+        return value[out_idx]
+    if isinstance(layer, graph.DEPTHWISE) or var is getattr(layer, "depthwise_kernel", None):
+        return value[..., in_idx, :]
+    if var is getattr(layer, "pointwise_kernel", None):
+        mid_idx = np.flatnonzero(np.repeat(flow.inputs[0], layer.depth_multiplier))
+        return value[..., mid_idx, :][..., out_idx]
+    if isinstance(layer, graph.MIXING):
+        return value[..., in_idx, :][..., out_idx]
+    # Per-channel variables (BatchNorm gamma/beta/moving statistics, Normalization mean/var).
+    if in_idx is not None and value.ndim and value.shape[-1] == len(flow.inputs[0]):
+        return value[..., in_idx]
+    return value
+
+
+def extract(model: keras.Model, masks: masks_lib.Masks) -> keras.Model:
+    """The slim network H^Delta holding the fit-hypothesis weights of `model`.
+
+    Args:
+      model: the dense functional network N.
+      masks: KELS masks of `model` (`ke_tf.masks.compute(model, "kels", s)`).
+    Returns:
+      A new functional `keras.Model`, same layer names, fit channels only.
+    Raises:
+      NotKernelLevelError: the masks are not kernel-level (WELS).
+    """
+    flows = _channel_flow(model, masks)
+    slim = _rebuild(model, flows)
+    for layer in graph.layers_in_order(model):
+        if not layer.weights:
+            continue
+        target = slim.get_layer(layer.name)
+        target.set_weights([_slice(layer, v, v.numpy(), flows[layer.name]) for v in layer.weights])
+    return slim

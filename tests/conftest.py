@@ -1,0 +1,38 @@
+"""Shared test set-up: quiet TensorFlow, small helpers for graphs with random statistics."""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def randomize_batchnorm_and_biases(model, seed=0):
+    """Non-trivial BatchNorm statistics and biases, so equivalence tests can fail."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        for v in layer.weights:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                positive = v.name in ("gamma", "moving_variance")
+                vals = rng.uniform(0.5, 1.5, v.shape) if positive else rng.normal(0, 0.5, v.shape)
+            elif v.name == "bias":
+                vals = rng.normal(0, 0.1, v.shape)
+            else:
+                continue
+            v.assign(vals.astype(v.dtype))
+
+
+def zero_reset(model, masks):
+    """A copy of `model` whose reset hypothesis is zero (the reference for slim extraction)."""
+    z = keras.models.clone_model(model)
+    z.set_weights(model.get_weights())
+    for v in z.weights:
+        if v.path in masks:
+            v.assign(np.where(masks[v.path], v.numpy(), 0).astype(v.dtype))
+    return z
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

@@ -1,0 +1,66 @@
+"""Slim extraction: the fit hypothesis as its own network (sec. 3.2, Table 6).
+
+Invariant: in inference mode, slim(x) equals the dense network with its reset hypothesis zeroed,
+max abs diff <= 1e-4 * max(1, max |logit|), with random (non-trivial) BatchNorm statistics."""
+import keras
+import numpy as np
+import pytest
+
+from conftest import randomize_batchnorm_and_biases, zero_reset
+from ke_tf import masks, slim
+from test_masks import toy
+
+
+def assert_equivalent(model, split_rate=0.5, seed=0):
+    randomize_batchnorm_and_biases(model, seed)
+    m = masks.compute(model, "kels", split_rate)
+    small = slim.extract(model, m)
+    x = np.random.default_rng(seed).normal(size=(2,) + tuple(model.input.shape[1:])).astype("float32")
+    got = np.asarray(small(x, training=False))
+    want = np.asarray(zero_reset(model, m)(x, training=False))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * max(1.0, np.abs(want).max()))
+    assert small.count_params() < model.count_params() or split_rate == 1.0
+    return small, m
+
+
+@pytest.mark.parametrize("split_rate", [0.5, 0.8, 1.0])
+def test_toy_graph(split_rate):
+    assert_equivalent(toy(), split_rate)
+
+
+APPLICATIONS = {
+    "ResNet50": 32, "ResNet50V2": 32, "DenseNet121": 32, "VGG16": 32, "MobileNetV2": 32,
+    "MobileNet": 32, "EfficientNetB0": 32, "InceptionV3": 75,
+}
+
+
+@pytest.mark.parametrize("name", sorted(APPLICATIONS))
+def test_keras_applications(name):
+    size = APPLICATIONS[name]
+    model = getattr(keras.applications, name)(
+        weights=None, input_shape=(size, size, 3), classes=7, classifier_activation=None)
+    assert_equivalent(model, 0.5)
+
+
+def test_slim_layers_keep_names_and_fit_widths():
+    small, _ = assert_equivalent(toy(), 0.5)
+    assert small.get_layer("c1").kernel.shape == (3, 3, 3, 2)
+    assert small.get_layer("cat").output.shape[-1] == 3  # 2 fit from add + 1 from c3
+    assert small.get_layer("dw").kernel.shape == (3, 3, 3, 2)
+    assert small.get_layer("fc6").kernel.shape == (4 * 4 * 2, 3)
+    assert small.get_layer("fc").kernel.shape == (3, 3)
+
+
+def test_architecture_has_fresh_weights_of_the_slim_shapes():
+    model = toy()
+    m = masks.compute(model, "kels", 0.5)
+    trained, fresh = slim.extract(model, m), slim.architecture(model, m)
+    assert [w.shape for w in trained.weights] == [w.shape for w in fresh.weights]
+    assert not np.array_equal(trained.get_layer("c1").kernel.numpy(), fresh.get_layer("c1").kernel.numpy())
+
+
+def test_wels_masks_are_refused():
+    model = toy()
+    with pytest.raises(slim.NotKernelLevelError, match="KELS"):
+        slim.extract(model, masks.compute(model, "wels", 0.5))
