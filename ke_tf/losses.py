@@ -1,0 +1,169 @@
+"""Losses of the two evaluation tasks of Knowledge Evolution (sec. 3.4).
+
+Metric learning uses the triplet loss with semi-hard negative mining (Eq. 3-4), written here
+from the algorithm of FaceNet (Schroff, Kalenichenko & Philbin, CVPR 2015) as it was
+implemented by tensorflow-addons 0.23 (`tfa.losses.triplet_semihard_loss`), whose outputs it
+reproduces; tensorflow-addons itself is archived and does not work with Keras 3.
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+DISTANCE_METRICS = ("L2", "squared-L2", "angular")
+
+
+def pairwise_distance(embeddings: tf.Tensor, squared: bool = False) -> tf.Tensor:
+    """Pairwise Euclidean distances of the rows of `embeddings` ([B, D] -> [B, B]).
+
+    Computed as tfa did: |x|^2 + |y|^2 - 2 x.y, clipped at 0 against rounding; for the
+    non-squared distance, exact zeros get 1e-16 under the square root (and are zeroed again
+    after it), so the gradient of sqrt is finite there. The diagonal is set to exactly 0.
+    """
+    squared_norms = tf.reduce_sum(tf.square(embeddings), axis=1, keepdims=True)
+    distances = squared_norms + tf.transpose(squared_norms) - 2.0 * tf.matmul(
+        embeddings, embeddings, transpose_b=True)
+    distances = tf.maximum(distances, 0.0)
+    zero = tf.cast(tf.less_equal(distances, 0.0), distances.dtype)
+    if not squared:
+        distances = tf.sqrt(distances + zero * 1e-16) * (1.0 - zero)
+    return distances * (1.0 - tf.eye(tf.shape(embeddings)[0], dtype=distances.dtype))
+
+
+def angular_distance(embeddings: tf.Tensor) -> tf.Tensor:
+    """1 - cosine similarity of the L2-normalized rows of `embeddings`, clipped at 0 (as tfa)."""
+    normalized = tf.math.l2_normalize(embeddings, axis=1)
+    return tf.maximum(1.0 - tf.matmul(normalized, normalized, transpose_b=True), 0.0)
+
+
+def _masked_minimum(data: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Minimum of `data` over its last axis where `mask` (0/1) is 1, as tfa computed it.
+
+    Where the mask is all 0 the result is the maximum of `data` (callers do not use it there).
+    """
+    maximums = tf.reduce_max(data, axis=-1, keepdims=True)
+    return tf.reduce_min((data - maximums) * mask, axis=-1) + maximums[..., 0]
+
+
+def _masked_maximum(data: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Maximum of `data` over its last axis where `mask` (0/1) is 1, as tfa computed it.
+
+    Where the mask is all 0 the result is the minimum of `data`: tfa's fallback for an anchor
+    without negatives, which the golden single-class cases pin down.
+    """
+    minimums = tf.reduce_min(data, axis=-1, keepdims=True)
+    return tf.reduce_max((data - minimums) * mask, axis=-1) + minimums[..., 0]
+
+
+def _check_distance_metric(distance_metric) -> None:
+    if not callable(distance_metric) and distance_metric not in DISTANCE_METRICS:
+        raise ValueError(f"`distance_metric` must be one of {DISTANCE_METRICS} or a callable. "
+                         f"Received: distance_metric={distance_metric!r}")
+
+
+def _distance_matrix(embeddings: tf.Tensor, distance_metric) -> tf.Tensor:
+    if callable(distance_metric):
+        return tf.cast(distance_metric(embeddings), tf.float32)
+    if distance_metric == "L2":
+        return pairwise_distance(embeddings, squared=False)
+    if distance_metric == "squared-L2":
+        return pairwise_distance(embeddings, squared=True)
+    return angular_distance(embeddings)
+
+
+def triplet_semihard_loss(y_true, y_pred, margin: float = 1.0, distance_metric="L2") -> tf.Tensor:
+    """Triplet loss with semi-hard negative mining (paper sec. 3.4, Eq. 3-4; FaceNet sec. 3.2).
+
+    Every anchor-positive pair (a, p), a != p, of the batch forms one triplet with the negative
+    n that is semi-hard (Eq. 4): the closest negative farther than the positive,
+    D_an = min {D_an' : D_an' > D_ap}. Where no negative is farther than the positive, n is
+    the farthest negative of the anchor instead (tfa's fallback; for an anchor without any
+    negative, in a single-class batch, tfa's masked maximum degenerates to the smallest
+    distance of the anchor's row, 0 for "L2", and so does this function). The loss is the mean
+    over the pairs of Eq. 3, [D_ap - D_an + m]_+. Negatives farther than D_ap + m give 0.
+
+    This reproduces `tfa.losses.triplet_semihard_loss` of tensorflow-addons 0.23 (tests compare
+    against its outputs) with two deliberate differences:
+
+    - A batch without any positive pair (all labels distinct) gives 0.0, with zero gradients;
+      tfa divided 0 by 0 and returned NaN.
+    - The computation is always float32 and so is the result: float16/bfloat16 embeddings
+      (mixed precision) are cast in; tfa cast its result back to the embeddings' dtype.
+
+    Args:
+      y_true: integer class labels, shape [B] or [B, 1].
+      y_pred: embeddings, shape [B, D], any float dtype.
+      margin: the margin m of Eq. 3.
+      distance_metric: "L2" (Euclidean, the paper's D), "squared-L2", "angular"
+        (1 - cosine similarity), or a callable mapping float32 embeddings [B, D] to a [B, B]
+        distance matrix.
+
+    Returns:
+      The scalar float32 loss.
+    """
+    _check_distance_metric(distance_metric)
+    embeddings = tf.cast(tf.convert_to_tensor(y_pred), tf.float32)
+    labels = tf.convert_to_tensor(y_true)
+    if labels.shape.rank is not None and (
+            labels.shape.rank > 2 or (labels.shape.rank == 2 and labels.shape[1] not in (1, None))):
+        raise ValueError("`y_true` must have shape [B] or [B, 1]. "
+                         f"Received: y_true.shape={labels.shape}")
+    if embeddings.shape.rank is not None and embeddings.shape.rank != 2:
+        raise ValueError("`y_pred` must have shape [B, D]. "
+                         f"Received: y_pred.shape={embeddings.shape}")
+    labels = tf.reshape(labels, [-1, 1])
+
+    distances = _distance_matrix(embeddings, distance_metric)  # [a, n]
+    same = tf.equal(labels, tf.transpose(labels))
+    negative = tf.cast(tf.logical_not(same), tf.float32)  # [a, n]
+    batch_size = tf.shape(labels)[0]
+    positive = tf.cast(same, tf.float32) - tf.eye(batch_size)  # [a, p], a != p
+
+    # semi_hard[a, p, n]: n is a negative of a and D_an > D_ap (semi-hard, Eq. 4, or easy).
+    row = distances[:, tf.newaxis, :]  # [a, 1, n]
+    farther = tf.cast(tf.greater(row, distances[:, :, tf.newaxis]), tf.float32)
+    semi_hard = negative[:, tf.newaxis, :] * farther
+    rows = tf.broadcast_to(row, tf.shape(semi_hard))
+    negatives_outside = _masked_minimum(rows, semi_hard)  # [a, p]
+    negatives_inside = _masked_maximum(distances, negative)[:, tf.newaxis]  # [a, 1]
+    has_farther_negative = tf.reduce_any(semi_hard > 0.0, axis=-1)
+    negative_distance = tf.where(has_farther_negative, negatives_outside, negatives_inside)
+
+    triplet = tf.maximum(distances - negative_distance + margin, 0.0) * positive
+    return tf.math.divide_no_nan(tf.reduce_sum(triplet), tf.reduce_sum(positive))
+
+
+@keras.saving.register_keras_serializable(package="ke_tf")
+class TripletSemiHardLoss(keras.losses.Loss):
+    """Keras loss wrapping `triplet_semihard_loss` (Eq. 3-4), like `tfa.losses.TripletSemiHardLoss`.
+
+    The loss of a batch is one scalar, always float32 (the loss computes in float32 whatever
+    the dtype policy). With the default reduction, sample weights w scale it by mean(w).
+    A callable `distance_metric` must be a registered Keras serializable for `get_config` to
+    round-trip.
+    """
+
+    def __init__(self, margin: float = 1.0, distance_metric="L2",
+                 name: str = "triplet_semihard_loss", reduction="sum_over_batch_size"):
+        super().__init__(name=name, reduction=reduction, dtype="float32")
+        _check_distance_metric(distance_metric)
+        self.margin = margin
+        self.distance_metric = distance_metric
+
+    def call(self, y_true, y_pred):
+        return triplet_semihard_loss(y_true, y_pred, margin=self.margin,
+                                     distance_metric=self.distance_metric)
+
+    def get_config(self):
+        metric = self.distance_metric
+        if callable(metric):
+            metric = keras.saving.serialize_keras_object(metric)
+        return {**super().get_config(), "margin": self.margin, "distance_metric": metric}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config["distance_metric"], dict):
+            config["distance_metric"] = keras.saving.deserialize_keras_object(
+                config["distance_metric"])
+        return cls(**config)
