@@ -136,3 +136,16 @@ def fit_fraction(masks: Masks) -> float:
     """Share of masked weights in the fit hypothesis."""
     total = sum(m.size for m in masks.values())
     return sum(int(m.sum()) for m in masks.values()) / max(total, 1)
+
+
+def hypothesis_magnitudes(model: keras.Model, masks: Masks) -> Dict[str, tuple]:
+    """|w| of the fit and of the reset hypothesis of every masked kernel (sec. 5, Fig. 7).
+
+    Returns {variable path: (|w| of fit entries, |w| of reset entries)} as flat arrays; their
+    means are the paper's H^Delta-hat and H^nabla-hat."""
+    out = {}
+    for v in model.weights:
+        if v.path in masks and not v.path.endswith("bias"):
+            w, m = np.abs(v.numpy()), masks[v.path]
+            out[v.path] = (w[m], w[~m])
+    return out

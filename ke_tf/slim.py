@@ -109,3 +109,29 @@ def extract(model: keras.Model, masks: masks_lib.Masks) -> keras.Model:
         target = slim.get_layer(layer.name)
         target.set_weights([_slice(layer, v, v.numpy(), flows[layer.name]) for v in layer.weights])
     return slim
+
+
+def recalibrate_batchnorm(model: keras.Model, batches, max_images: int) -> int:
+    """Re-estimate every BatchNorm's moving statistics of `model` on `batches` (beyond the paper).
+
+    The extracted slim network keeps the dense network's BatchNorm statistics, which were
+    gathered while the reset hypothesis also fed the fit channels; early generations' H_g then
+    sits near chance. Running the slim network in training mode over un-augmented training
+    images, with momentum (k-1)/k at the k-th batch, sets the statistics to the average of the
+    batch statistics. Weights are not changed. Returns the number of images used."""
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in bns]
+    seen, k = 0, 0
+    try:
+        for x, _ in batches:
+            if seen >= max_images:
+                break
+            k += 1
+            for layer in bns:
+                layer.momentum = (k - 1) / k
+            model(x[: max_images - seen], training=True)
+            seen += min(int(x.shape[0]), max_images - seen)
+    finally:
+        for layer, momentum in zip(bns, momenta):
+            layer.momentum = momentum
+    return seen

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import randomize_batchnorm_and_biases, zero_reset
-from ke_tf import masks, slim
+from ke_tf import cost, masks, networks, slim
 from test_masks import toy
 
 
@@ -64,3 +64,25 @@ def test_wels_masks_are_refused():
     model = toy()
     with pytest.raises(slim.NotKernelLevelError, match="KELS"):
         slim.extract(model, masks.compute(model, "wels", 0.5))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "vgg11_bn", "densenet121",
+                                  "densenet169", "googlenet"])
+@pytest.mark.parametrize("head", ["logits", "embedding"])
+def test_every_architecture(arch, head):
+    model = networks.build(arch, 5, 32, head=head, embedding_dim=8, width_multiplier=1 / 16)
+    assert_equivalent(model, 0.5)
+
+
+def test_table6_resnet18_slim_shapes():
+    dense = networks.build("resnet18", 102, 224, stem="imagenet")
+    small = slim.architecture(dense, masks.compute(dense, "kels", 0.5))
+    assert small.get_layer("conv1").kernel.shape == (7, 7, 3, 32)
+    assert small.get_layer("bn1").gamma.shape == (32,)
+    assert small.get_layer("layer2_0_downsample_conv").kernel.shape == (1, 1, 32, 64)
+    assert small.get_layer("layer4_1_conv2").kernel.shape == (3, 3, 256, 256)
+    assert small.get_layer("fc").kernel.shape == (256, 102)
+    dense_params, dense_macs = cost.total(dense)
+    slim_params, slim_macs = cost.total(small)
+    assert round(dense_params / 1e6, 1) == 11.2 and round(dense_macs / 1e9, 2) == 1.81
+    assert round(slim_params / 1e6, 2) == 2.83 and round(slim_macs / 1e9, 2) == 0.48

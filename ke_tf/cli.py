@@ -1,0 +1,79 @@
+"""Command-line plumbing shared by every entry point: quiet TensorFlow and exit statuses.
+
+Importing this module imports TensorFlow with its native start-up noise filtered; entry points
+import it first. Exit status contract: 0 done; 1 a run that failed while running; 2 bad usage or bad input
+(a flag error or a `ConfigError`), with a message naming the flag or file. absl's `app.run`
+exits 1 on flag errors, so flags are parsed here instead.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from typing import Callable, List
+
+# TensorFlow's C++ INFO and WARNING lines drown the progress output; errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from ke_tf.config import ConfigError  # noqa: E402
+
+USAGE_ERROR = 2
+
+# TensorFlow 2.21 logs these through absl before its logging is initialized, ignoring
+# TF_CPP_MIN_LOG_LEVEL: the absl preamble, INFO/WARNING lines, and on machines without a GPU
+# driver "failed call to cuInit". Every other line (errors included) is passed on.
+_NATIVE_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to "
+    r"STDERR|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] |E\d{4} .*failed call to cuInit)")
+
+
+def import_tensorflow_quietly():
+    """Import TensorFlow and find its devices with its native start-up noise filtered out."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not _NATIVE_NOISE.match(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+    return tf
+
+
+def _parse_flags(argv: List[str]) -> List[str]:
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        sys.stderr.write(f"error: {err}\nPass --helpfull to see help on flags.\n")
+        sys.exit(USAGE_ERROR)
+
+
+def run(main: Callable[[List[str]], None], argv: List[str] | None = None) -> None:
+    """`absl.app.run(main)` where flag errors and ConfigError exit 2 with one clear line."""
+
+    def guarded(args: List[str]) -> None:
+        if len(args) > 1:
+            sys.stderr.write(f"error: unexpected positional arguments: {' '.join(args[1:])}\n")
+            sys.exit(USAGE_ERROR)
+        try:
+            main(args)
+        except ConfigError as err:
+            sys.stderr.write(f"error: {err}\n")
+            sys.exit(USAGE_ERROR)
+
+    app.run(guarded, argv=argv, flags_parser=_parse_flags)
+
+
+# Entry points import this module before anything that imports TensorFlow.
+import_tensorflow_quietly()
