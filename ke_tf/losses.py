@@ -1,5 +1,9 @@
 """Losses of the two evaluation tasks of Knowledge Evolution (sec. 3.4).
 
+Classification uses cross entropy (Eq. 2) on integer labels, optionally with label smoothing
+(the paper's "Smth" regularizer, alpha = 0.1): targets (1 - alpha) * one_hot + alpha / C, as
+PyTorch's and Keras's label smoothing.
+
 Metric learning uses the triplet loss with semi-hard negative mining (Eq. 3-4), written here
 from the algorithm of FaceNet (Schroff, Kalenichenko & Philbin, CVPR 2015) as it was
 implemented by tensorflow-addons 0.23 (`tfa.losses.triplet_semihard_loss`), whose outputs it
@@ -167,3 +171,35 @@ class TripletSemiHardLoss(keras.losses.Loss):
             config["distance_metric"] = keras.saving.deserialize_keras_object(
                 config["distance_metric"])
         return cls(**config)
+
+
+def sparse_cross_entropy(labels, logits, label_smoothing: float = 0.0) -> tf.Tensor:
+    """Mean cross entropy (Eq. 2) of integer `labels` [B] and `logits` [B, C], in float32."""
+    logits = tf.cast(logits, tf.float32)
+    labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+    if not label_smoothing:
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+    num_classes = tf.shape(logits)[-1]
+    targets = tf.one_hot(labels, num_classes) * (1.0 - label_smoothing) + \
+        label_smoothing / tf.cast(num_classes, tf.float32)
+    return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(targets, logits))
+
+
+@keras.saving.register_keras_serializable(package="ke_tf")
+class SparseCrossEntropy(keras.losses.Loss):
+    """`sparse_cross_entropy` as a Keras loss (integer labels, logits, optional smoothing)."""
+
+    def __init__(self, label_smoothing: float = 0.0, name: str = "cross_entropy",
+                 reduction="sum_over_batch_size"):
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1). Received: "
+                             f"label_smoothing={label_smoothing!r}")
+        super().__init__(name=name, reduction=reduction, dtype="float32")
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        return sparse_cross_entropy(y_true, y_pred, self.label_smoothing)
+
+    def get_config(self):
+        return {"name": self.name, "label_smoothing": self.label_smoothing}
+

@@ -1,0 +1,86 @@
+"""KEModel: the network plus the training step that `Model.fit` drives (sec. 4.1).
+
+The step follows the Keras guide ("Customizing what happens in fit()") with public APIs only:
+`compute_loss`, `optimizer.apply`, `self.metrics`. One rule of the paper lives here: SGD with
+weight decay 1e-4 *as PyTorch applies it* (coupled L2: wd * w is added to the gradient before
+momentum, on every trainable variable). Keras's `SGD(weight_decay=...)` is decoupled (it shrinks
+the weights after the update) and would give a different trajectory.
+
+The learning-rate schedule (`lr_at_epoch`, `LearningRateSchedule` callback) is per epoch as in
+the official code: linear warm-up lr*(e+1)/w for the first w epochs, then cosine decay
+0.5*(1 + cos(pi*(e-w)/(E-w)))*lr, restarted every generation (sec. 3.1).
+"""
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+
+
+def lr_at_epoch(epoch: int, base_lr: float, epochs: int, warmup_epochs: int) -> float:
+    """Learning rate of 0-based `epoch` in a generation of `epochs` epochs (official cosine_lr)."""
+    if epoch < warmup_epochs:
+        return base_lr * (epoch + 1) / warmup_epochs
+    e, es = epoch - warmup_epochs, epochs - warmup_epochs
+    return 0.5 * (1.0 + math.cos(math.pi * e / es)) * base_lr
+
+
+class LearningRateSchedule(keras.callbacks.Callback):
+    """Sets the optimizer's learning rate at the start of every epoch (`lr_at_epoch`)."""
+
+    def __init__(self, base_lr: float, epochs: int, warmup_epochs: int):
+        super().__init__()
+        self.base_lr, self.epochs, self.warmup_epochs = base_lr, epochs, warmup_epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        lr = lr_at_epoch(epoch, self.base_lr, self.epochs, self.warmup_epochs)
+        self.model.optimizer.learning_rate.assign(lr)
+
+
+def restart_optimizer(optimizer: keras.optimizers.Optimizer) -> None:
+    """Zero the optimizer's state (momentum buffers, iteration count) in place.
+
+    Every generation starts with a fresh optimizer (sec. 3.1); resetting the variables of the
+    same optimizer instead of building a new one keeps the compiled train function valid, so
+    generation g > 1 starts without re-tracing."""
+    for v in optimizer.variables:
+        v.assign(tf.zeros(v.shape, v.dtype))
+
+
+class KEModel(keras.Model):
+    """Wraps a functional `network`; `fit` trains it with coupled L2 weight decay.
+
+    Args:
+      network: the dense functional network N (its variables keep their paths, e.g.
+        "conv1/kernel", so masks computed on it apply unchanged).
+      weight_decay: PyTorch-style L2 coefficient added to the gradients.
+    """
+
+    def __init__(self, network: keras.Model, weight_decay: float = 1e-4, **kwargs):
+        super().__init__(name=kwargs.pop("name", "ke_model"), **kwargs)
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0. Received: weight_decay={weight_decay!r}")
+        self.network = network
+        self.weight_decay = weight_decay
+
+    def call(self, inputs, training=False):
+        return self.network(inputs, training=training)
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+        variables = self.trainable_variables
+        grads = tape.gradient(loss, variables)
+        if self.weight_decay:
+            grads = [g + tf.cast(self.weight_decay, g.dtype) * tf.cast(v, g.dtype)
+                     for g, v in zip(grads, variables)]
+        self.optimizer.apply(grads, variables)
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss)
+            else:
+                metric.update_state(y, y_pred)
+        return {m.name: m.result() for m in self.metrics}

@@ -1,0 +1,77 @@
+"""KEModel's train_step: coupled L2 weight decay as PyTorch, per-epoch schedule, restarts."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from ke_tf import losses
+from ke_tf.model import KEModel, LearningRateSchedule, lr_at_epoch, restart_optimizer
+
+L = keras.layers
+
+
+def tiny():
+    i = keras.Input((4,))
+    x = L.BatchNormalization(name="bn")(L.Dense(5, name="hidden")(i))
+    return keras.Model(i, L.Dense(3, name="fc")(x))
+
+
+def test_schedule_is_warmup_then_cosine():
+    lrs = [lr_at_epoch(e, 0.256, 10, 5) for e in range(10)]
+    np.testing.assert_allclose(lrs[:5], [0.256 * (e + 1) / 5 for e in range(5)])
+    np.testing.assert_allclose(lrs[5], 0.256)  # cosine starts at the peak
+    np.testing.assert_allclose(lrs[7], 0.5 * (1 + np.cos(np.pi * 2 / 5)) * 0.256)
+    assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))
+    assert lr_at_epoch(0, 0.1, 3, 0) == pytest.approx(0.1)
+
+
+def test_sgd_matches_pytorch_coupled_weight_decay(rng):
+    """w -= lr * buf, buf = mu*buf + (g + wd*w): PyTorch SGD(weight_decay=wd, momentum=mu)."""
+    x, y = rng.normal(size=(8, 4)).astype("float32"), np.arange(8) % 3
+    net = tiny()
+    w = [v.numpy().copy() for v in net.trainable_variables]
+    ref = keras.models.clone_model(net)
+    ref.set_weights(net.get_weights())
+    model = KEModel(net, weight_decay=0.05)
+    model.compile(optimizer=keras.optimizers.SGD(0.3, momentum=0.9),
+                  loss=losses.SparseCrossEntropy(0.1))
+    model.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+    buf = [np.zeros_like(a) for a in w]
+    for _ in range(3):
+        for v, a in zip(ref.trainable_variables, w):
+            v.assign(a)
+        with tf.GradientTape() as tape:
+            loss = losses.sparse_cross_entropy(y, ref(x, training=True), 0.1)
+        grads = tape.gradient(loss, ref.trainable_variables)
+        buf = [0.9 * b + g.numpy() + 0.05 * a for b, g, a in zip(buf, grads, w)]
+        w = [a - 0.3 * b for a, b in zip(w, buf)]
+    for v, a in zip(net.trainable_variables, w):
+        np.testing.assert_allclose(v.numpy(), a, rtol=1e-5, atol=1e-6)
+
+
+def test_restart_keeps_the_compiled_train_function(rng):
+    x, y = rng.normal(size=(16, 4)).astype("float32"), np.arange(16) % 3
+    model = KEModel(tiny())
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                  loss=losses.SparseCrossEntropy(), metrics=["accuracy"])
+    model.fit(x, y, epochs=1, verbose=0)
+    fn = model.train_function
+    assert any(np.abs(v.numpy()).sum() > 0 for v in model.optimizer.variables if "momentum" in v.path)
+    restart_optimizer(model.optimizer)
+    assert all(not np.any(v.numpy()) for v in model.optimizer.variables)
+    assert int(model.optimizer.iterations.numpy()) == 0
+    model.fit(x, y, epochs=2, verbose=0,
+              callbacks=[LearningRateSchedule(0.2, epochs=2, warmup_epochs=1)])
+    assert model.train_function is fn
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(0.2)
+
+
+def test_cross_entropy_with_smoothing_matches_keras():
+    logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]], "float32")
+    labels = np.array([0, 2])
+    ref = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1)
+    np.testing.assert_allclose(losses.sparse_cross_entropy(labels, logits, 0.1).numpy(),
+                               ref(np.eye(3)[labels], logits).numpy(), rtol=1e-6)
+    plain = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    np.testing.assert_allclose(losses.sparse_cross_entropy(labels, logits).numpy(),
+                               plain(labels, logits).numpy(), rtol=1e-6)
