@@ -12,6 +12,8 @@ setup(
     install_requires=[
         "tensorflow==2.21.0",
         "keras==3.15.1",
+        # TensorFlow 2.21 no longer depends on it; tf.summary.text/histogram need it.
+        "tensorboard==2.21.0",
         "tensorflow-datasets==4.9.10",
         # tensorflow-datasets 4.9.x imports it for downloads without declaring it.
         "importlib_resources==7.1.0",

@@ -16,7 +16,7 @@ from typing import Callable, List
 # TensorFlow's C++ INFO and WARNING lines drown the progress output; errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from ke_tf.config import ConfigError  # noqa: E402
 
@@ -66,6 +66,8 @@ def run(main: Callable[[List[str]], None], argv: List[str] | None = None) -> Non
         if len(args) > 1:
             sys.stderr.write(f"error: unexpected positional arguments: {' '.join(args[1:])}\n")
             sys.exit(USAGE_ERROR)
+        if not flags.FLAGS["verbosity"].present:  # TensorFlow's INFO lines (SavedModel writing...)
+            logging.set_verbosity(logging.WARNING)
         try:
             main(args)
         except ConfigError as err:

@@ -119,3 +119,79 @@ class SplitConfig:
         _require(self.reset_init in RESET_INITS, "reset_init",
                  f"must be one of {', '.join(RESET_INITS)}", self.reset_init)
         return self
+
+
+REGULARIZERS = ("none", "smooth")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimization of every generation (sec. 4.1; all generations use the same settings).
+
+    SGD momentum 0.9 with PyTorch-style (coupled) weight decay; lr set per epoch: linear
+    warm-up for warmup_epochs, then cosine decay (see `ke_tf.model`)."""
+
+    generations: int = 5
+    epochs: int = 40
+    lr: float = 0.05
+    warmup_epochs: int = 5
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    regularizer: str = "smooth"
+    label_smoothing: float = 0.1
+    slim_bn_recalibration: bool = True
+
+    def validate(self) -> "TrainConfig":
+        _require(1 <= self.generations <= 10000, "generations", "must be in [1, 10000]",
+                 self.generations)
+        _require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
+        _require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be > 0", self.lr)
+        _require(0 <= self.warmup_epochs < self.epochs or (self.warmup_epochs == 0),
+                 "warmup_epochs", f"must be in [0, --epochs) = [0, {self.epochs})",
+                 self.warmup_epochs)
+        _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)", self.momentum)
+        _require(0 <= self.weight_decay < 1, "weight_decay", "must be in [0, 1)", self.weight_decay)
+        _require(self.regularizer in REGULARIZERS, "regularizer",
+                 f"must be one of {', '.join(REGULARIZERS)}", self.regularizer)
+        _require(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)",
+                 self.label_smoothing)
+        if self.regularizer == "smooth":
+            _require(self.label_smoothing > 0, "label_smoothing",
+                     "must be > 0 with --regularizer=smooth", self.label_smoothing)
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything one `python -m ke_tf.main` run needs; `to_flags()` is what config.json holds."""
+
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    split: SplitConfig = SplitConfig()
+    train: TrainConfig = TrainConfig()
+    seed: int = 0
+    run_dir: str = "runs/default"
+    export: bool = True
+
+    def __post_init__(self):
+        # One run seed: it also seeds the data pipeline's shuffling and augmentation.
+        object.__setattr__(self, "data", dataclasses.replace(self.data, seed=self.seed))
+
+    def validate(self) -> "RunConfig":
+        self.data.validate(), self.model.validate(), self.split.validate(), self.train.validate()
+        _require(self.seed >= 0, "seed", "must be >= 0", self.seed)
+        _require(bool(self.run_dir), "run_dir", "must not be empty", self.run_dir)
+        if self.data.task == "metric":
+            _require(self.model.head == "embedding", "head",
+                     "must be embedding with --task=metric", self.model.head)
+        else:
+            _require(self.model.head == "logits", "head",
+                     "must be logits with --task=classification", self.model.head)
+        return self
+
+    def to_flags(self) -> dict:
+        """One flat {flag name: value} dict (field names are the flag names)."""
+        flat = {"seed": self.seed, "run_dir": self.run_dir, "export": self.export}
+        for part in (self.data, self.model, self.split, self.train):
+            flat.update(dataclasses.asdict(part))
+        return flat

@@ -102,13 +102,23 @@ def extract(model: keras.Model, masks: masks_lib.Masks) -> keras.Model:
       NotKernelLevelError: the masks are not kernel-level (WELS).
     """
     flows = _channel_flow(model, masks)
-    slim = _rebuild(model, flows)
+    small = _rebuild(model, flows)
+    _copy(model, flows, small)
+    return small
+
+
+def copy_fit_weights(model: keras.Model, masks: masks_lib.Masks, target: keras.Model) -> None:
+    """Load the fit hypothesis of `model` into an existing slim network `target` (built by
+    `architecture` or `extract`), so a run re-uses one slim model (and its compiled functions)
+    across generations."""
+    _copy(model, _channel_flow(model, masks), target)
+
+
+def _copy(model: keras.Model, flows: Dict[str, graph.Flow], target: keras.Model) -> None:
     for layer in graph.layers_in_order(model):
-        if not layer.weights:
-            continue
-        target = slim.get_layer(layer.name)
-        target.set_weights([_slice(layer, v, v.numpy(), flows[layer.name]) for v in layer.weights])
-    return slim
+        if layer.weights:
+            target.get_layer(layer.name).set_weights(
+                [_slice(layer, v, v.numpy(), flows[layer.name]) for v in layer.weights])
 
 
 def recalibrate_batchnorm(model: keras.Model, batches, max_images: int) -> int:

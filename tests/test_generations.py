@@ -1,0 +1,157 @@
+"""The KE loop end to end on small real data: digits and mocked tfds datasets."""
+import csv
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from ke_tf import config as C
+from ke_tf import data as data_lib
+from ke_tf import generations, masks, reinit
+from ke_tf.generations import GenerationRunner
+
+
+def tiny_config(run_dir):
+    return C.RunConfig(
+        data=C.DataConfig(dataset="digits", image_size=16, batch_size=16, digits_per_class=4,
+                          recal_images=32),
+        model=C.ModelConfig(arch="resnet18", width_multiplier=1 / 16),
+        split=C.SplitConfig(split_mode="kels", split_rate=0.5),
+        train=C.TrainConfig(generations=3, epochs=2, warmup_epochs=1, lr=0.05),
+        run_dir=str(run_dir), seed=3)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """One tiny 3-generation run, observed from the inside."""
+    run_dir = tmp_path_factory.mktemp("run")
+    runner = GenerationRunner(tiny_config(run_dir), verbose=False)
+    seen = {"start": [], "reset_calls": [], "train_fn": []}
+    train = runner.train_generation
+
+    def spy_train(g, monitor):
+        seen["start"].append({v.path: v.numpy().copy() for v in runner.network.weights})
+        out = train(g, monitor)
+        seen["train_fn"].append(runner.model.train_function)
+        seen["end_" + str(g)] = {v.path: v.numpy().copy() for v in runner.network.weights}
+        return out
+
+    real_reset = reinit.reset
+
+    def spy_reset(model, m, seed, reset_init="layer"):
+        seen["reset_calls"].append(seed)
+        real_reset(model, m, seed, reset_init)
+
+    runner.train_generation = spy_train
+    generations.reinit.reset = spy_reset
+    try:
+        rows = runner.run()
+    finally:
+        generations.reinit.reset = real_reset
+    return runner, rows, seen, run_dir
+
+
+def test_results_csv(digits_run):
+    _, rows, _, run_dir = digits_run
+    table = read_csv(run_dir / "results.csv")
+    assert list(table[0]) == generations.RESULT_COLUMNS
+    assert [(r["generation"], r["net"]) for r in table] == [
+        (str(g), n) for g in (1, 2, 3) for n in ("dense", "slim", "slim_recal")]
+    for r in table:
+        assert 0 <= float(r["test_top1"]) <= float(r["test_top5"]) <= 100
+        assert r["val_top1"] == "" and r["method"] == "ke" and r["split_rate"] == "0.5"
+    dense, small = table[0], table[1]
+    assert int(small["params"]) < int(dense["params"]) and int(small["macs"]) < int(dense["macs"])
+    assert len(rows) == 9
+
+
+def test_generations_hand_weights_over_in_memory(digits_run):
+    runner, _, seen, _ = digits_run
+    assert seen["reset_calls"] == [(3, 1), (3, 2)]  # after every generation but the last
+    m = runner.masks
+    for g in (1, 2):
+        end, start_next = seen[f"end_{g}"], seen["start"][g]
+        for path, value in end.items():
+            if path in m:  # fit kept, reset re-drawn (Eq. 1)
+                np.testing.assert_array_equal(start_next[path][m[path]], value[m[path]])
+                if not path.endswith("bias") and (~m[path]).any():
+                    assert (start_next[path][~m[path]] != value[~m[path]]).all()
+            else:  # BatchNorm transfers unchanged
+                np.testing.assert_array_equal(start_next[path], value)
+    # One compiled train function for the whole run: no re-tracing per generation.
+    assert seen["train_fn"][0] is seen["train_fn"][1] is seen["train_fn"][2]
+
+
+def test_run_directory(digits_run):
+    runner, _, _, run_dir = digits_run
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["split_rate"] == 0.5 and cfg["seed"] == 3 and cfg["dataset"] == "digits"
+    saved = masks.load(str(run_dir / "masks.npz"))
+    again = masks.compute(runner.network, "kels", 0.5)
+    assert saved.keys() == again.keys() and all(np.array_equal(saved[k], again[k]) for k in saved)
+    hyp = read_csv(run_dir / "hypotheses.csv")
+    assert {r["generation"] for r in hyp} == {"1", "2", "3"}
+    assert all(float(r["fit_mean_abs"]) > 0 for r in hyp)
+    assert not [p for p in os.listdir(run_dir) if p.startswith(".tmp")]
+
+
+def test_export_matches_keras(digits_run):
+    runner, _, _, run_dir = digits_run
+    x = next(iter(runner.data.test))[0].numpy()
+    for net, keras_model in (("dense", runner.network), ("slim", runner.nets["slim_recal"])):
+        loaded = tf.saved_model.load(str(run_dir / "export" / net))
+        out = loaded.signatures["serving_default"](images=tf.constant(x))["logits"].numpy()
+        np.testing.assert_allclose(out, keras_model(x, training=False).numpy(), atol=1e-5)
+        assert out.shape == (len(x), 10)
+
+
+def test_tensorboard_series(digits_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, _, run_dir = digits_run
+    acc = EventAccumulator(str(run_dir / "tensorboard" / "generations"), size_guidance={"tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()["tensors"]
+    for tag in ("dense/test_top1", "slim/test_top1", "slim_recal/test_top1", "train/top1",
+                "fit/conv1/kernel", "reset/conv1/kernel"):
+        assert tag in tags, tag
+    assert [e.step for e in acc.Tensors("dense/test_top1")] == [1, 2, 3]
+    epochs = EventAccumulator(str(run_dir / "tensorboard" / "generation_002"), size_guidance={"tensors": 0})
+    epochs.Reload()
+    lrs = [float(tf.make_ndarray(e.tensor_proto)) for e in epochs.Tensors("lr")]
+    np.testing.assert_allclose(lrs, [0.05, 0.05])  # warm-up 1 epoch, then cosine from the peak
+
+
+def test_wels_run_has_no_slim_network(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg = C.RunConfig(data=cfg.data, model=cfg.model, train=C.TrainConfig(generations=1, epochs=1, warmup_epochs=0),
+                      split=C.SplitConfig(split_mode="wels", split_rate=0.5), run_dir=str(tmp_path), export=False)
+    rows = GenerationRunner(cfg, verbose=False).run()
+    assert [r["net"] for r in rows] == ["dense"]
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("name,num_classes,has_val", [
+    ("oxford_flowers102", 102, True), ("caltech_birds2011", 200, False),
+    ("stanford_dogs", 120, False), ("cars196", 196, False)])
+def test_mocked_tfds_datasets(tmp_path, name, num_classes, has_val):
+    cfg = tiny_config(tmp_path)
+    cfg = C.RunConfig(
+        data=C.DataConfig(dataset=name, image_size=16, batch_size=8, recal_images=16),
+        model=cfg.model, split=cfg.split, run_dir=str(tmp_path), export=False,
+        train=C.TrainConfig(generations=2, epochs=1, warmup_epochs=0, regularizer="none"))
+    with tfds.testing.mock_data(num_examples=12):
+        runner = GenerationRunner(cfg, verbose=False)
+        rows = runner.run()
+    assert runner.network.output.shape[-1] == num_classes
+    assert len(rows) == 6
+    assert all((r["val_top1"] != "") == has_val for r in rows)

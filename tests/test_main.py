@@ -1,0 +1,81 @@
+"""The command line: flags -> RunConfig, exit statuses, nothing written on bad usage."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ke_tf import config as C
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def run_cli(args, cwd, module="ke_tf.main", timeout=600):
+    return subprocess.run([sys.executable, "-m", module] + args, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--split_rate=1.5"], "split_rate"),
+    (["--split_rate=0"], "split_rate"),
+    (["--arch=resnet9"], "arch"),
+    (["--dataset=imagenet21k"], "dataset"),
+    (["--epochs=0"], "epochs"),
+    (["--epochs=3", "--warmup_epochs=3"], "warmup_epochs"),
+    (["--regularizer=smooth", "--label_smoothing=0"], "label_smoothing"),
+    (["--no_such_flag=1"], "no_such_flag"),
+    (["--image_size=abc"], "image_size"),
+    (["--arch=vgg11_bn", "--image_size=16"], "image_size"),
+    (["positional"], "positional"),
+])
+def test_bad_usage_exits_2_naming_the_flag_and_writes_nothing(tmp_path, args, flag):
+    run_dir = tmp_path / "run"
+    proc = run_cli(args + [f"--run_dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert flag in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "I0000" not in proc.stderr  # TensorFlow's native start-up noise is filtered
+    assert not run_dir.exists() and os.listdir(tmp_path) == []
+
+
+def test_unwritable_run_dir_exits_2(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: use a file as the parent
+            target = tmp_path / "a_file"
+            target.write_text("x")
+            run_dir = target / "run"
+        else:
+            run_dir = locked / "run"
+        proc = run_cli([f"--run_dir={run_dir}"], cwd=tmp_path)
+    finally:
+        locked.chmod(0o700)
+    assert proc.returncode == 2, proc.stderr
+    assert "--run_dir" in proc.stderr
+
+
+def test_dataset_aware_defaults_and_explicit_flags_win():
+    from ke_tf import main
+
+    base = {f.name: f.default for f in main.FLAGS.get_flags_for_module(main)}
+    digits = main.config_from_flags(dict(base, dataset="digits"))
+    assert (digits.data.image_size, digits.model.width_multiplier, digits.train.epochs) == (32, 0.25, 40)
+    assert digits.train.regularizer == "smooth"
+    dogs = main.config_from_flags(dict(base, dataset="stanford_dogs"))
+    assert (dogs.data.image_size, dogs.train.lr, dogs.train.epochs, dogs.train.generations) == \
+        (224, 0.256, 200, 10)
+    assert (dogs.split.split_mode, dogs.split.split_rate, dogs.train.weight_decay) == ("kels", 0.8, 1e-4)
+    assert dogs.train.warmup_epochs == 5 and dogs.run_dir == os.path.join("runs", "stanford_dogs-resnet18-s0")
+    mine = main.config_from_flags(dict(base, dataset="stanford_dogs", lr=0.1, epochs=3))
+    assert (mine.train.lr, mine.train.epochs, mine.train.warmup_epochs) == (0.1, 3, 2)
+
+
+def test_config_errors_name_the_flag():
+    with pytest.raises(C.ConfigError, match="--split_rate"):
+        C.SplitConfig(split_rate=1.01).validate()
+    with pytest.raises(C.ConfigError, match="--batch_size"):
+        C.DataConfig(task="metric", batch_size=10, p_classes=3, k_images=3).validate()
+    with pytest.raises(C.ConfigError, match="--head"):
+        C.RunConfig(data=C.DataConfig(task="metric", batch_size=125)).validate()
