@@ -18,6 +18,7 @@ setup(
         # tensorflow-datasets 4.9.x imports it for downloads without declaring it.
         "importlib_resources==7.1.0",
         "absl-py==2.5.1",
+        "requests==2.34.2",  # ke_tf.data checks a dataset's servers before tfds retries for minutes
         "numpy==2.4.6",
         "scikit-learn==1.9.1",
         "matplotlib==3.11.2",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Dict
+from typing import Dict, Sequence, Union
 
 import keras
 import numpy as np
@@ -62,14 +62,17 @@ def masked_layers(model: keras.Model):
         yield layer, roles
 
 
-def compute(model: keras.Model, mode: str = "kels", split_rate: float = 0.8, seed: int = 0) -> Masks:
+def compute(model: keras.Model, mode: str = "kels", split_rate: float = 0.8,
+            seed: Union[int, Sequence[int]] = 0) -> Masks:
     """Masks for every conv/dense kernel and bias of `model` (Alg. 1 lines 1-15).
 
     Args:
       model: a Keras functional model (channels-last).
       mode: "kels" (kernel-level, the slim fit hypothesis) or "wels" (weight-level, random).
       split_rate: s in (0, 1]; the fraction of channels (KELS) or weights (WELS) kept.
-      seed: WELS draws; KELS is deterministic and ignores it.
+      seed: an int or a sequence of ints seeding the WELS draws (KELS is deterministic and
+        ignores it). WELS-Rand (appendix D(1)) re-draws the mask before every generation:
+        `compute(model, "wels", s, seed=(run_seed, generation))`.
     Returns:
       {variable.path: bool array of the variable's shape}, True = fit hypothesis.
     """
@@ -116,7 +119,8 @@ def _wels(model, split_rate, seed) -> Masks:
             if role == "bias":
                 masks[var.path] = np.ones(shape, bool)
             else:
-                rng = np.random.default_rng([seed, zlib.crc32(var.path.encode())])
+                words = [seed] if np.isscalar(seed) else list(seed)
+                rng = np.random.default_rng(words + [zlib.crc32(var.path.encode())])
                 masks[var.path] = rng.random(shape) < split_rate
     return masks
 

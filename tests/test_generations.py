@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+from unittest import mock
 
 import keras
 import numpy as np
@@ -149,7 +150,9 @@ def test_mocked_tfds_datasets(tmp_path, name, num_classes, has_val):
         data=C.DataConfig(dataset=name, image_size=16, batch_size=8, recal_images=16),
         model=cfg.model, split=cfg.split, run_dir=str(tmp_path), export=False,
         train=C.TrainConfig(generations=2, epochs=1, warmup_epochs=0, regularizer="none"))
-    with tfds.testing.mock_data(num_examples=12):
+    # mock_data fakes the records; the datasets count as prepared (no download attempted).
+    with tfds.testing.mock_data(num_examples=12), \
+            mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: True):
         runner = GenerationRunner(cfg, verbose=False)
         rows = runner.run()
     assert runner.network.output.shape[-1] == num_classes

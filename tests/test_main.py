@@ -79,3 +79,37 @@ def test_config_errors_name_the_flag():
         C.DataConfig(task="metric", batch_size=10, p_classes=3, k_images=3).validate()
     with pytest.raises(C.ConfigError, match="--head"):
         C.RunConfig(data=C.DataConfig(task="metric", batch_size=125)).validate()
+
+
+def test_main_job_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(["--generations=2", "--epochs=2", "--width_multiplier=0.0625",
+                    "--image_size=16", "--digits_per_class=3", "--recal_images=16",
+                    f"--run_dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "generation 2/2" in proc.stdout and "slim_recal" in proc.stdout
+    assert "I0000" not in proc.stderr and "INFO:tensorflow" not in proc.stderr
+    for name in ("results.csv", "hypotheses.csv", "config.json", "masks.npz",
+                 "tensorboard/generations", "export/dense/saved_model.pb",
+                 "export/slim/saved_model.pb"):
+        assert (run_dir / name).exists(), name
+
+
+def test_console_script_is_the_same_program(tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "ke-tf")
+    proc = subprocess.run([script, "--split_rate=2", f"--run_dir={tmp_path / 'r'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--split_rate" in proc.stderr
+    helpfull = subprocess.run([script, "--helpfull"], capture_output=True, text=True, timeout=300)
+    assert "--split_rate" in helpfull.stdout and "--generations" in helpfull.stdout
+
+
+def test_missing_tfds_data_offline_is_one_clear_message(tmp_path):
+    data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
+    proc = run_cli(["--dataset=stanford_dogs", f"--data_dir={data_dir}", "--image_size=32",
+                    f"--run_dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "--manual_dir" in proc.stderr and str(data_dir) in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -71,6 +71,8 @@ def test_wels_is_seeded_random_with_rate_s():
     c = masks.compute(model, "wels", 0.7, seed=4)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert any(not np.array_equal(a[k], c[k]) for k in a)
+    per_generation = masks.compute(model, "wels", 0.7, seed=(3, 1))  # WELS-Rand re-draws
+    assert not np.array_equal(per_generation["c1/kernel"], masks.compute(model, "wels", 0.7, seed=(3, 2))["c1/kernel"])
     kernels = np.concatenate([v.ravel() for k, v in a.items() if not k.endswith("bias")])
     assert abs(kernels.mean() - 0.7) < 0.03
     assert all(v.all() for k, v in a.items() if k.endswith("bias"))

