@@ -1,7 +1,10 @@
 """Atomic outputs: a file or directory appears whole under its final name, or not at all.
 
 Everything a run writes (results.csv, config.json, masks.npz, exports) goes through here, so a
-crash at any instant leaves the previous good version readable.
+crash leaves either the previous or the new version readable. A file is replaced by one rename;
+a directory by two (old aside, new in), so for the instant between them only the aside copy
+(`.old-*` next to it) exists. Outputs get the usual permissions (0666/0777 less the umask), not
+the private ones of temporary files.
 """
 from __future__ import annotations
 
@@ -10,6 +13,12 @@ import os
 import shutil
 import tempfile
 from typing import Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -22,6 +31,7 @@ def open_atomic(path: str, mode: str = "w") -> Iterator:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -37,6 +47,7 @@ def atomic_dir(path: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         old = None
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=".old-", dir=parent)

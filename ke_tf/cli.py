@@ -30,6 +30,9 @@ _NATIVE_NOISE = re.compile(
     r"STDERR|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] |E\d{4} .*failed call to cuInit)")
 
 
+_LOG_HEADER = re.compile(r"^[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] ")
+
+
 def import_tensorflow_quietly():
     """Import TensorFlow and find its devices with its native start-up noise filtered out."""
     sys.stderr.flush()
@@ -44,8 +47,11 @@ def import_tensorflow_quietly():
             os.dup2(saved, 2)
             os.close(saved)
             captured.seek(0)
+            dropping = False
             for line in captured.read().decode(errors="replace").splitlines(keepends=True):
-                if not _NATIVE_NOISE.match(line):
+                if _LOG_HEADER.match(line) or line.startswith("WARNING: All log messages"):
+                    dropping = bool(_NATIVE_NOISE.match(line))
+                if not dropping:  # a continuation line goes with its message
                     sys.stderr.write(line)
             sys.stderr.flush()
     return tf
@@ -54,6 +60,8 @@ def import_tensorflow_quietly():
 def _parse_flags(argv: List[str]) -> List[str]:
     try:
         return flags.FLAGS(argv)
+    except SystemExit:  # --help / --helpfull printed the help: that is no failure
+        sys.exit(0)
     except flags.Error as err:
         sys.stderr.write(f"error: {err}\nPass --helpfull to see help on flags.\n")
         sys.exit(USAGE_ERROR)

@@ -109,6 +109,7 @@ class SplitConfig:
     split_mode: str = "kels"
     split_rate: float = 0.8
     reset_init: str = "layer"
+    wels_rand: bool = False
 
     def validate(self) -> "SplitConfig":
         _require(self.split_mode in SPLIT_MODES, "split_mode",
@@ -116,6 +117,8 @@ class SplitConfig:
         _require(isinstance(self.split_rate, (int, float)) and not math.isnan(self.split_rate)
                  and 0.0 < self.split_rate <= 1.0, "split_rate", "must be in (0, 1]",
                  self.split_rate)
+        _require(not self.wels_rand or self.split_mode == "wels", "wels_rand",
+                 "needs --split_mode=wels", self.wels_rand)
         _require(self.reset_init in RESET_INITS, "reset_init",
                  f"must be one of {', '.join(RESET_INITS)}", self.reset_init)
         return self
@@ -139,6 +142,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     regularizer: str = "smooth"
     label_smoothing: float = 0.1
+    triplet_margin: float = 0.2
     slim_bn_recalibration: bool = True
 
     def validate(self) -> "TrainConfig":
@@ -146,7 +150,7 @@ class TrainConfig:
                  self.generations)
         _require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
         _require(self.lr > 0 and math.isfinite(self.lr), "lr", "must be > 0", self.lr)
-        _require(0 <= self.warmup_epochs < self.epochs or (self.warmup_epochs == 0),
+        _require(0 <= self.warmup_epochs < self.epochs,
                  "warmup_epochs", f"must be in [0, --epochs) = [0, {self.epochs})",
                  self.warmup_epochs)
         _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)", self.momentum)
@@ -155,6 +159,7 @@ class TrainConfig:
                  f"must be one of {', '.join(REGULARIZERS)}", self.regularizer)
         _require(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)",
                  self.label_smoothing)
+        _require(self.triplet_margin > 0, "triplet_margin", "must be > 0", self.triplet_margin)
         if self.regularizer == "smooth":
             _require(self.label_smoothing > 0, "label_smoothing",
                      "must be > 0 with --regularizer=smooth", self.label_smoothing)
@@ -172,6 +177,7 @@ class RunConfig:
     seed: int = 0
     run_dir: str = "runs/default"
     export: bool = True
+    overwrite: bool = False
 
     def __post_init__(self):
         # One run seed: it also seeds the data pipeline's shuffling and augmentation.
@@ -191,7 +197,8 @@ class RunConfig:
 
     def to_flags(self) -> dict:
         """One flat {flag name: value} dict (field names are the flag names)."""
-        flat = {"seed": self.seed, "run_dir": self.run_dir, "export": self.export}
+        flat = {"seed": self.seed, "run_dir": self.run_dir, "export": self.export,
+                "overwrite": self.overwrite}
         for part in (self.data, self.model, self.split, self.train):
             flat.update(dataclasses.asdict(part))
         return flat

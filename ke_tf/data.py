@@ -5,12 +5,23 @@
 for re-estimating BatchNorm statistics from its first batches), `val` (or None) and `test`.
 Batches are (float32 [B, H, W, 3] images, int32 [B] labels); the last batch may be smaller.
 
-Sources:
+Sources (task="classification"):
   digits             scikit-learn's 8x8 digits, embedded: a fixed stratified training subset of
                      `digits_per_class` images per class; every other image is the test split.
   oxford_flowers102  tfds, train / validation / test (1020 / 1020 / 6149).
   caltech_birds2011, stanford_dogs, cars196: tfds, train / test.
   folder:PATH        PATH/{train,test}/<class>/<image>, optional PATH/val/<class>/<image>.
+
+task="metric" (sec. 4.2): the standard class-disjoint protocols, no validation split:
+  digits             all 1797 images: classes 0-4 train, 5-9 test (`digits_per_class` unused).
+  caltech_birds2011  all 11,788 images of tfds' train and test: classes 0-99 train, 100-199 test.
+  cars196            all 16,185 images of tfds' train and test: classes 0-97 train, 98-195 test.
+  folder:PATH        PATH/train/<class> and PATH/test/<class>, each with its own classes.
+Train labels index the training classes (`DatasetInfo.class_names`), test labels the test classes
+(`DatasetInfo.test_class_names`), both from 0. An epoch of `train` is floor(num_train / (P * K))
+batches of P = `p_classes` distinct classes (uniformly drawn) x K = `k_images` images each; every
+class yields its images in a new shuffled order each pass (cycling if drawn often), restarted every
+epoch. The encoded images of a tfds dataset are read into memory once, by `load`.
 
 Preprocessing follows the official code's torchvision transforms:
   train: RandomResizedCrop(size) (scale (0.08, 1), ratio (3/4, 4/3)), RandomHorizontalFlip(),
@@ -67,6 +78,9 @@ class DatasetInfo:
     num_test: int
     num_val: int  # 0 without a validation split
     has_val: bool
+    # The classes of `test`: task="metric" has its own (disjoint) ones; else the same as train's.
+    num_test_classes: int
+    test_class_names: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,15 +180,40 @@ def eval_transform(image: tf.Tensor, size: int) -> tf.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class _Source:
-    """splits: {"train"/"val"/"test": (dataset of (raw, int32 label), count)}, each in a fixed,
-    class-mixed order (so any prefix of train_plain is representative); decode(raw): a uint8
-    [h, w, 3] image whose shorter side is `side`."""
+    """splits: {"train"/"val"/"test": (dataset of (raw, int32 label), count)}, or for
+    task="metric" {"train"/"test": _Pool}, each in a fixed, class-mixed order (so any prefix of
+    train_plain is representative); decode(raw): a uint8 [h, w, 3] image whose shorter side is
+    `side`."""
 
     class_names: tuple[str, ...]
     splits: dict
     decode: Callable[[tf.Tensor], tf.Tensor]
     side: int
     augment: Augment
+
+
+# Metric learning: the first n classes of the source train, the others test.
+METRIC_TRAIN_CLASSES = {"digits": 5, "caltech_birds2011": 100, "cars196": 98}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pool:
+    """The images of a metric-learning split, in memory: raw [N, ...] (what `_Source.decode`
+    reads), labels int32 [N] indexing class_names."""
+
+    raw: object  # np.ndarray or tf.Tensor
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+
+
+def _class_disjoint(raw, labels: np.ndarray, class_names, n_train: int) -> dict:
+    """{"train": classes [0, n_train), "test": the others, re-indexed from 0}, order kept."""
+    train = labels < n_train
+    return {"train": _Pool(tf.gather(raw, np.flatnonzero(train)), labels[train],
+                           tuple(class_names[:n_train])),
+            "test": _Pool(tf.gather(raw, np.flatnonzero(~train)), labels[~train] - n_train,
+                          tuple(class_names[n_train:]))}
+
 
 def _digits(cfg: DataConfig):
     """scikit-learn's digits (1797 8x8 images, values 0..16): `digits_per_class` training images
@@ -183,6 +222,15 @@ def _digits(cfg: DataConfig):
 
     digits = load_digits()
     images, labels = digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int32)
+    names = tuple(str(c) for c in range(10))
+    size = cfg.image_size
+
+    def decode(image):
+        up = tf.image.resize(image[:, :, None] * 255.0, [size, size], method="bilinear")
+        return tf.image.grayscale_to_rgb(tf.cast(tf.clip_by_value(tf.round(up), 0, 255), tf.uint8))
+
+    if cfg.task == "metric":
+        return _Source(names, _class_disjoint(images, labels, names, 5), decode, size, DIGITS)
     smallest = int(np.bincount(labels).min())
     if cfg.digits_per_class >= smallest:
         raise DataError(f"--digits_per_class must be < {smallest} (the smallest digits class), "
@@ -195,20 +243,16 @@ def _digits(cfg: DataConfig):
     test = np.setdiff1d(np.arange(len(labels)), train)
     splits = {name: (tf.data.Dataset.from_tensor_slices((images[idx], labels[idx])), len(idx))
               for name, idx in (("train", train), ("test", test))}
-    size = cfg.image_size
-
-    def decode(image):
-        up = tf.image.resize(image[:, :, None] * 255.0, [size, size], method="bilinear")
-        return tf.image.grayscale_to_rgb(tf.cast(tf.clip_by_value(tf.round(up), 0, 255), tf.uint8))
-
-    return _Source(tuple(str(c) for c in range(10)), splits, decode, size, DIGITS)
+    return _Source(names, splits, decode, size, DIGITS)
 
 
-def _natural(class_names, splits, cfg: DataConfig) -> _Source:
-    """Encoded JPEG/PNG/GIF/BMP images, decoded to RGB and resized to the eval side."""
+def _natural(class_names, splits, cfg: DataConfig, paths: bool = False) -> _Source:
+    """Encoded JPEG/PNG/GIF/BMP images (read from files if `paths`), decoded to RGB and resized
+    to the eval side."""
     side = eval_side(cfg.image_size)
 
     def decode(raw):
+        raw = tf.io.read_file(raw) if paths else raw
         image = tf.io.decode_image(raw, channels=3, expand_animations=False)
         return resize_shorter_side(image, side)
 
@@ -217,7 +261,8 @@ def _natural(class_names, splits, cfg: DataConfig) -> _Source:
 
 def _folder(cfg: DataConfig):
     """Image folders PATH/{train,val,test}/<class>/<image>; class names sorted; labels index the
-    training classes. Hidden files are skipped; every other file must be JPEG/PNG/GIF/BMP."""
+    training classes (task="metric": train and test each index their own classes, val is
+    unused). Hidden files are skipped; every other file must be JPEG/PNG/GIF/BMP."""
     root = os.path.expanduser(cfg.dataset[len("folder:"):])
     flag = f"--dataset={cfg.dataset}"
     for split in ("train", "test"):
@@ -226,6 +271,12 @@ def _folder(cfg: DataConfig):
                             f"{root}/train/<class>/<image>, {root}/test/<class>/<image> and "
                             f"optionally {root}/val/<class>/<image>")
     classes = _class_dirs(os.path.join(root, "train"))
+    if cfg.task == "metric":
+        pools = {}
+        for split in ("train", "test"):
+            names = _class_dirs(os.path.join(root, split))
+            pools[split] = _Pool(*_images(os.path.join(root, split), names, flag), tuple(names))
+        return _natural(classes, pools, cfg, paths=True)
     splits = {}
     for split in ("train", "val", "test"):
         split_dir = os.path.join(root, split)
@@ -235,25 +286,8 @@ def _folder(cfg: DataConfig):
         if unknown:
             raise DataError(f"{flag}: {split_dir} has classes that {root}/train lacks: "
                             f"{', '.join(unknown)}")
-        files, labels = [], []
-        for label, name in enumerate(classes):
-            class_dir = os.path.join(split_dir, name)
-            names = sorted(os.listdir(class_dir)) if os.path.isdir(class_dir) else []
-            paths = [os.path.join(class_dir, f) for f in names if not f.startswith(".")]
-            paths = [p for p in paths if os.path.isfile(p)]
-            files += paths
-            labels += [label] * len(paths)
-        if not files:
-            raise DataError(f"{flag}: {split_dir} holds no images (expected "
-                            f"{split_dir}/<class>/<image>)")
-        for path in files:
-            with open(path, "rb") as f:
-                head = f.read(8)
-            if not head.startswith(IMAGE_MAGIC):
-                raise DataError(f"{flag}: {path} is not a JPEG, PNG, GIF or BMP image")
-        order = np.random.RandomState(0).permutation(len(files))  # classes mixed, fixed
-        ds = tf.data.Dataset.from_tensor_slices(
-            (np.array(files)[order], np.array(labels, np.int32)[order]))
+        files, labels = _images(split_dir, classes, flag)
+        ds = tf.data.Dataset.from_tensor_slices((files, labels))
         ds = ds.map(lambda p, y: (tf.io.read_file(p), y), num_parallel_calls=AUTOTUNE)
         splits[split] = (ds, len(files))
     return _natural(classes, splits, cfg)
@@ -264,9 +298,33 @@ def _class_dirs(split_dir: str) -> list[str]:
                   if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d)))
 
 
+def _images(split_dir: str, classes, flag: str) -> tuple[np.ndarray, np.ndarray]:
+    """The image files of split_dir/<class> and their int32 labels (indices into `classes`),
+    in a fixed order that mixes the classes."""
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(split_dir, name)
+        names = sorted(os.listdir(class_dir)) if os.path.isdir(class_dir) else []
+        paths = [os.path.join(class_dir, f) for f in names if not f.startswith(".")]
+        paths = [p for p in paths if os.path.isfile(p)]
+        files += paths
+        labels += [label] * len(paths)
+    if not files:
+        raise DataError(f"{flag}: {split_dir} holds no images (expected "
+                        f"{split_dir}/<class>/<image>)")
+    for path in files:
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if not head.startswith(IMAGE_MAGIC):
+            raise DataError(f"{flag}: {path} is not a JPEG, PNG, GIF or BMP image")
+    order = np.random.RandomState(0).permutation(len(files))  # classes mixed, fixed
+    return np.array(files)[order], np.array(labels, np.int32)[order]
+
+
 def _tfds(cfg: DataConfig):
     """A tfds dataset of the paper, prepared (downloaded) first if needed; tfds wrote its records
-    in a shuffled order, and its images stay encoded until `decode`."""
+    in a shuffled order, and its images stay encoded until `decode`. task="metric": the images
+    of all its splits are read into memory (tf.string tensors) and cut by class."""
     name = cfg.dataset
     data_dir = os.path.expanduser(cfg.data_dir) if cfg.data_dir else None
     if data_dir and not os.path.isdir(data_dir):
@@ -283,7 +341,12 @@ def _tfds(cfg: DataConfig):
                                 decoders=decoders)
         splits["val" if split == "validation" else split] = (
             ds.map(lambda x, y: (x, tf.cast(y, tf.int32))), int(ds.cardinality()))
-    return _natural(builder.info.features["label"].names, splits, cfg)
+    names = builder.info.features["label"].names
+    if cfg.task == "metric":
+        everything = splits["train"][0].concatenate(splits["test"][0])
+        raw, labels = everything.batch(splits["train"][1] + splits["test"][1]).get_single_element()
+        splits = _class_disjoint(raw, labels.numpy(), names, METRIC_TRAIN_CLASSES[name])
+    return _natural(names, splits, cfg)
 
 
 def _prepare(builder, cfg: DataConfig) -> None:
@@ -325,8 +388,11 @@ def _prepare(builder, cfg: DataConfig) -> None:
 def load(cfg: DataConfig) -> Data:
     """The four pipelines of `cfg.dataset`; raises DataError (or ConfigError) on bad input."""
     cfg.validate()
-    if cfg.task != "classification":
-        raise DataError(f"--task={cfg.task} is not supported by ke_tf.data yet")
+    if cfg.task == "metric" and cfg.dataset in TFDS_SPLITS and (
+            cfg.dataset not in METRIC_TRAIN_CLASSES):
+        raise DataError(f"--task=metric is not supported for --dataset={cfg.dataset}: it has no "
+                        f"class-disjoint metric-learning protocol here (use one of "
+                        f"{', '.join(METRIC_TRAIN_CLASSES)} or folder:PATH)")
     if cfg.dataset == "digits":
         source = _digits
     elif cfg.dataset.startswith("folder:"):
@@ -334,6 +400,8 @@ def load(cfg: DataConfig) -> Data:
     else:
         source = _tfds
     src = source(cfg)
+    if cfg.task == "metric":
+        return _metric(cfg, src)
 
     image_bytes = src.side * src.side * 3  # a square image; wider ones take more
     budget = CACHE_BYTES
@@ -345,26 +413,109 @@ def load(cfg: DataConfig) -> Data:
         decoded[split] = ds
 
     size, batch = cfg.image_size, cfg.batch_size
-
-    def evaluation(ds):
-        ds = ds.map(lambda x, y: (eval_transform(x, size), y), num_parallel_calls=AUTOTUNE)
-        return ds.batch(batch).prefetch(AUTOTUNE)
-
     counts = {split: n for split, (_, n) in src.splits.items()}
     # Every iteration is a new epoch: reshuffled (over the whole split, or as many images as
     # CACHE_BYTES holds) and re-augmented with fresh per-image seeds, the same for the same seed.
-    seeds = tf.data.Dataset.random(seed=cfg.seed, rerandomize_each_iteration=True).batch(2)
     train = decoded["train"].shuffle(min(counts["train"], CACHE_BYTES // image_bytes),
                                      seed=cfg.seed, reshuffle_each_iteration=True)
-    train = tf.data.Dataset.zip(train, seeds).map(
+    train = tf.data.Dataset.zip(train, _seeds(cfg.seed)).map(
         lambda xy, seed: (train_transform(xy[0], seed, size, src.augment), xy[1]),
         num_parallel_calls=AUTOTUNE)
+    names = src.class_names
     info = DatasetInfo(
-        name=cfg.dataset, num_classes=len(src.class_names), class_names=src.class_names,
+        name=cfg.dataset, num_classes=len(names), class_names=names,
         image_size=size, num_train=counts["train"], num_test=counts["test"],
-        num_val=counts.get("val", 0), has_val="val" in counts)
+        num_val=counts.get("val", 0), has_val="val" in counts,
+        num_test_classes=len(names), test_class_names=names)
     return Data(info=info,
                 train=train.batch(batch).prefetch(AUTOTUNE),
-                train_plain=evaluation(decoded["train"]),
-                val=evaluation(decoded["val"]) if "val" in decoded else None,
-                test=evaluation(decoded["test"]))
+                train_plain=_evaluation(decoded["train"], cfg),
+                val=_evaluation(decoded["val"], cfg) if "val" in decoded else None,
+                test=_evaluation(decoded["test"], cfg))
+
+
+def _seeds(seed: int) -> tf.data.Dataset:
+    """Endless int64 [2] stateless seeds, a new sequence every iteration, fixed by `seed`."""
+    return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+
+def _evaluation(ds: tf.data.Dataset, cfg: DataConfig) -> tf.data.Dataset:
+    """Decoded (uint8 image, label) -> eval preprocessing, batches of cfg.batch_size."""
+    ds = ds.map(lambda x, y: (eval_transform(x, cfg.image_size), y), num_parallel_calls=AUTOTUNE)
+    return ds.batch(cfg.batch_size).prefetch(AUTOTUNE)
+
+
+def _metric(cfg: DataConfig, src: _Source) -> Data:
+    """P x K training batches from per-class streams; train_plain and test as for classification.
+
+    Training classes without any image (only in mocked or hand-made data) are never drawn."""
+    train, test = src.splits["train"], src.splits["test"]
+    p, k = cfg.p_classes, cfg.k_images
+    counts = np.bincount(train.labels, minlength=len(train.class_names))
+    drawn = np.flatnonzero(counts)
+    if len(drawn) < p:
+        raise DataError(f"--p_classes={p} exceeds the {len(drawn)} training classes (with images) "
+                        f"of --dataset={cfg.dataset}")
+    for c in drawn:
+        if counts[c] < k:
+            raise DataError(f"--k_images={k}: training class {train.class_names[c]!r} of "
+                            f"--dataset={cfg.dataset} has only {counts[c]} images")
+
+    n_train, n_test = len(train.labels), len(test.labels)
+    image_bytes = src.side * src.side * 3  # a square image; wider ones take more
+    cache_train = n_train * image_bytes <= CACHE_BYTES
+    cache_test = n_test * image_bytes <= CACHE_BYTES - cache_train * n_train * image_bytes
+
+    # One dataset of (image, label) per drawn class: decoded once into a cache when the training
+    # images fit (then shared by train and train_plain), else raw and decoded at every use.
+    classes = [tf.data.Dataset.from_tensor_slices(
+        (tf.gather(train.raw, np.flatnonzero(train.labels == c)), train.labels[train.labels == c]))
+        for c in drawn]
+    if cache_train:
+        classes = [ds.map(lambda raw, y: (src.decode(raw), y), num_parallel_calls=AUTOTUNE).cache()
+                   for ds in classes]
+
+    def decoded(x, y):
+        return (x if cache_train else src.decode(x)), y
+
+    # train: batch after batch, P distinct classes (uniform, without replacement) x K images, each
+    # class's images in a new shuffled order every pass; the same for the same seed.
+    def pick(seed):
+        seed = tf.random.experimental.stateless_fold_in(seed, 1)  # not the augmentation seeds
+        order = tf.argsort(tf.random.stateless_uniform([len(drawn)], seed))
+        return tf.repeat(tf.cast(order[:p], tf.int64), k)
+
+    steps = n_train // (p * k)
+    streams = [ds.shuffle(int(counts[c]), seed=_class_seed(cfg.seed, c),
+                          reshuffle_each_iteration=True).repeat()
+               for ds, c in zip(classes, drawn)]
+    choice = _seeds(cfg.seed).take(steps).map(pick).unbatch()
+    size, augment = cfg.image_size, src.augment
+    train_ds = tf.data.Dataset.zip(tf.data.Dataset.choose_from_datasets(streams, choice),
+                                   _seeds(cfg.seed))
+    train_ds = train_ds.map(
+        lambda xy, seed: (train_transform(decoded(*xy)[0], seed, size, augment), xy[1]),
+        num_parallel_calls=AUTOTUNE).batch(p * k).apply(
+        tf.data.experimental.assert_cardinality(steps))
+
+    # train_plain: the pool's own order, the k-th image of a class taken from its dataset's k-th.
+    index = np.zeros(len(counts), np.int64)
+    index[drawn] = np.arange(len(drawn))
+    plain = tf.data.Dataset.choose_from_datasets(
+        classes, tf.data.Dataset.from_tensor_slices(index[train.labels]))
+    plain = plain.map(decoded, num_parallel_calls=AUTOTUNE).apply(
+        tf.data.experimental.assert_cardinality(n_train))
+
+    test_ds = tf.data.Dataset.from_tensor_slices((test.raw, test.labels)).map(
+        lambda raw, y: (src.decode(raw), y), num_parallel_calls=AUTOTUNE)
+    info = DatasetInfo(
+        name=cfg.dataset, num_classes=len(train.class_names), class_names=train.class_names,
+        image_size=size, num_train=n_train, num_test=n_test, num_val=0, has_val=False,
+        num_test_classes=len(test.class_names), test_class_names=test.class_names)
+    return Data(info=info, train=train_ds.prefetch(AUTOTUNE), train_plain=_evaluation(plain, cfg),
+                val=None, test=_evaluation(test_ds.cache() if cache_test else test_ds, cfg))
+
+
+def _class_seed(seed: int, c: int) -> int:
+    """A shuffling seed for class c, derived from `seed`."""
+    return int(np.random.SeedSequence([seed % 2**64, int(c)]).generate_state(1)[0])

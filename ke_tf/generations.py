@@ -15,9 +15,8 @@ generations over.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
+import shutil
 import os
 import time
 from typing import Dict, List, Optional
@@ -25,22 +24,15 @@ from typing import Dict, List, Optional
 import keras
 import numpy as np
 
-from ke_tf import atomic, cost, data as data_lib, export, losses, masks as masks_lib, metrics
-from ke_tf import model as model_lib, networks, reinit, slim
+from ke_tf import atomic, cost, data as data_lib, export, masks as masks_lib
+from ke_tf import model as model_lib, networks, reinit, results, slim, tasks
 from ke_tf.config import ConfigError, RunConfig
 from ke_tf.monitor import Monitor
 
-RESULT_COLUMNS = ["generation", "net", "method", "split_mode", "split_rate", "test_top1",
-                  "test_top5", "val_top1", "val_top5", "train_top1", "params", "macs", "seconds"]
-
-
-def _cell(column: str, value):
-    """results.csv formatting: accuracies with 4 decimals, seconds with 1, |w| with 6 digits."""
-    if not isinstance(value, float) or column == "split_rate":
-        return value
-    if column == "seconds":
-        return f"{value:.1f}"
-    return f"{value:.6g}" if column.endswith("_abs") else f"{value:.4f}"
+OUTPUTS = (results.RESULTS, results.HYPOTHESES, "config.json", "masks.npz", "tensorboard",
+           "export")
+HEAD_COLUMNS = ("generation", "net", "method", "split_mode", "split_rate")
+COST_COLUMNS = ("params", "macs", "seconds")
 
 
 def _labels(dataset) -> np.ndarray:
@@ -59,16 +51,23 @@ class GenerationRunner:
     def __init__(self, config: RunConfig, data: Optional[data_lib.Data] = None, verbose: bool = True):
         self.config = config.validate()
         self.verbose = verbose
+        m, size = config.model, config.data.image_size
+        stem = m.stem or networks.default_stem(size)
+        used = [n for n in OUTPUTS if os.path.exists(os.path.join(config.run_dir, n))]
+        if used and not config.overwrite:
+            raise ConfigError(f"--run_dir {config.run_dir} already holds a run ({', '.join(used)}); "
+                              f"pass --overwrite to replace it or choose another --run_dir. "
+                              f"Received: run_dir={config.run_dir!r}")
+        if size < networks.min_image_size(m.arch, stem):
+            raise ConfigError(f"--image_size must be >= {networks.min_image_size(m.arch, stem)} "
+                              f"for --arch={m.arch} with the {stem} stem. Received: image_size={size}")
         self.data = data if data is not None else data_lib.load(config.data)
+        self.task = tasks.TASKS[config.data.task]
         info = self.data.info
         keras.utils.set_random_seed(config.seed)  # the initial weights of N_1
-        m = config.model
-        try:
-            self.network = networks.build(m.arch, info.num_classes, config.data.image_size,
-                                          stem=m.stem, head=m.head, embedding_dim=m.embedding_dim,
-                                          width_multiplier=m.width_multiplier)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
+        self.network = networks.build(m.arch, info.num_classes, size, stem=m.stem, head=m.head,
+                                      embedding_dim=m.embedding_dim,
+                                      width_multiplier=m.width_multiplier)
         s = config.split
         self.masks = masks_lib.compute(self.network, s.split_mode, s.split_rate, seed=config.seed)
         # The networks evaluated every generation, built once (their predict functions too).
@@ -80,54 +79,48 @@ class GenerationRunner:
         self.costs = {name: cost.total(net) for name, net in self.nets.items()}
         t = config.train
         self.model = model_lib.KEModel(self.network, weight_decay=t.weight_decay)
-        smoothing = t.label_smoothing if t.regularizer == "smooth" else 0.0
         self.model.compile(
             optimizer=keras.optimizers.SGD(learning_rate=t.lr, momentum=t.momentum),
-            loss=losses.SparseCrossEntropy(label_smoothing=smoothing),
-            metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1"),
-                     keras.metrics.SparseTopKCategoricalAccuracy(k=min(5, info.num_classes),
-                                                                 name="top5")])
-        self.test_labels = _labels(self.data.test)
-        self.val_labels = _labels(self.data.val) if self.data.val is not None else None
+            loss=self.task.make_loss(config), metrics=self.task.make_metrics(info.num_classes))
+        self.eval_splits = {split: (ds, _labels(ds)) for split, ds in
+                            (("test", self.data.test), ("val", self.data.val))
+                            if ds is not None and split in self.task.splits}
+        self.columns = list(HEAD_COLUMNS + self.task.columns + self.task.train_columns + COST_COLUMNS)
         self.rows: List[Dict] = []
         self.hypotheses: List[Dict] = []
 
     # --- one generation ---------------------------------------------------------------------
 
-    def train_generation(self, generation: int, monitor: Monitor) -> float:
-        """Train the current weights for e epochs with a restarted optimizer and schedule."""
+    def train_generation(self, generation: int, monitor: Monitor) -> Dict[str, float]:
+        """Train the current weights for e epochs with a restarted optimizer and schedule;
+        returns the last epoch's training metrics (`train_loss`, `train_top1`, ...)."""
         t = self.config.train
         model_lib.restart_optimizer(self.model.optimizer)
         history = self.model.fit(
             self.data.train, epochs=t.epochs, verbose=0, shuffle=False,
             callbacks=[model_lib.LearningRateSchedule(t.lr, t.epochs, t.warmup_epochs),
                        monitor.epoch_callback(generation, t.generations, t.epochs)])
-        return 100.0 * float(history.history["top1"][-1])
+        last = {f"train_{k}": float(v[-1]) for k, v in history.history.items()}
+        return {k: (100.0 * v if k != "train_loss" else v) for k, v in last.items()
+                if k in self.task.train_columns}
 
-    def _accuracy(self, net: keras.Model, dataset, labels) -> tuple:
-        logits = net.predict(dataset, verbose=0)
-        return metrics.topk_accuracy(logits, labels, 1), metrics.topk_accuracy(logits, labels, 5)
-
-    def evaluate(self, generation: int, train_top1: float, seconds: float) -> List[Dict]:
+    def evaluate(self, generation: int, train: Dict[str, float], seconds: float) -> List[Dict]:
         """Rows of results.csv for N_g and (KELS) H_g as extracted and BN-recalibrated."""
+        rows = []
         for name, net in self.nets.items():
             if name != "dense":
                 slim.copy_fit_weights(self.network, self.masks, net)
             if name == "slim_recal":
                 slim.recalibrate_batchnorm(net, self.data.train_plain, self.config.data.recal_images)
-        rows = []
-        for name, net in self.nets.items():
-            params, macs = self.costs[name]
-            top1, top5 = self._accuracy(net, self.data.test, self.test_labels)
-            val1 = val5 = ""
-            if self.data.val is not None:
-                val1, val5 = self._accuracy(net, self.data.val, self.val_labels)
-            rows.append({
-                "generation": generation, "net": name, "method": "ke",
-                "split_mode": self.config.split.split_mode,
-                "split_rate": self.config.split.split_rate, "test_top1": top1, "test_top5": top5,
-                "val_top1": val1, "val_top5": val5, "train_top1": train_top1, "params": params,
-                "macs": macs, "seconds": round(seconds, 2)})
+            row = dict.fromkeys(self.columns, "")
+            row.update(generation=generation, net=name, method="ke",
+                       split_mode=self.config.split.split_mode,
+                       split_rate=self.config.split.split_rate, seconds=seconds, **train)
+            for split, (dataset, labels) in self.eval_splits.items():
+                outputs = net.predict(dataset, verbose=0)
+                row.update(self.task.evaluate(outputs, labels, split, self.config.seed))
+            row["params"], row["macs"] = self.costs[name]
+            rows.append(row)
         return rows
 
     # --- the loop ------------------------------------------------------------------------------
@@ -137,6 +130,12 @@ class GenerationRunner:
         cfg = self.config
         run_dir = cfg.run_dir
         os.makedirs(run_dir, exist_ok=True)
+        for name in OUTPUTS:  # --overwrite: nothing of the previous run survives
+            path = os.path.join(run_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.unlink(path)
         flags = cfg.to_flags()
         with atomic.open_atomic(os.path.join(run_dir, "config.json")) as f:
             json.dump(flags, f, indent=2, sort_keys=True)
@@ -145,20 +144,25 @@ class GenerationRunner:
         try:
             for g in range(1, cfg.train.generations + 1):
                 start = time.time()
-                train_top1 = self.train_generation(g, monitor)
-                rows = self.evaluate(g, train_top1, time.time() - start)
+                train = self.train_generation(g, monitor)
+                rows = self.evaluate(g, train, time.time() - start)
                 hyp = masks_lib.hypothesis_magnitudes(self.network, self.masks)
                 self.rows += rows
                 self.hypotheses += [{"generation": g, "variable": k, "fit_mean_abs": float(f.mean()),
                                      "reset_mean_abs": float(r.mean()) if r.size else ""}
                                     for k, (f, r) in hyp.items()]
-                self._write_csv(os.path.join(run_dir, "results.csv"), self.rows, RESULT_COLUMNS)
-                self._write_csv(os.path.join(run_dir, "hypotheses.csv"), self.hypotheses,
-                                ["generation", "variable", "fit_mean_abs", "reset_mean_abs"])
-                monitor.log_generation(g, rows, train_top1, hyp)
-                monitor.print_table(self.rows, ["generation", "net", "test_top1", "test_top5",
-                                                "val_top1", "train_top1", "seconds"])
+                results.write_csv(os.path.join(run_dir, results.RESULTS), self.rows, self.columns)
+                results.write_csv(os.path.join(run_dir, results.HYPOTHESES), self.hypotheses,
+                                  results.HYPOTHESES_COLUMNS)
+                monitor.log_generation(g, rows, self.task.columns, train, hyp)
+                monitor.print_table(self.rows, [c for c in self.columns if c not in
+                                                ("method", "split_mode", "split_rate", "macs")
+                                                and any(r[c] != "" for r in self.rows)])
                 if g < cfg.train.generations:
+                    if cfg.split.wels_rand:  # appendix D(1): a new random mask per generation
+                        self.masks = masks_lib.compute(self.network, "wels", cfg.split.split_rate,
+                                                       seed=(cfg.seed, g + 1))
+                        masks_lib.save(os.path.join(run_dir, "masks.npz"), self.masks)
                     reinit.reset(self.network, self.masks, seed=(cfg.seed, g),
                                  reset_init=cfg.split.reset_init)
             if cfg.export:
@@ -170,17 +174,8 @@ class GenerationRunner:
     def export(self, directory: str) -> None:
         """The last generation's dense N_G and slim H_G as SavedModels (slim: recalibrated
         unless --slim_bn_recalibration=false)."""
-        export.save_saved_model(self.network, os.path.join(directory, "dense"))
+        out = self.task.output_name
+        export.save_saved_model(self.network, os.path.join(directory, "dense"), out)
         slim_net = self.nets.get("slim_recal", self.nets.get("slim"))
         if slim_net is not None:
-            export.save_saved_model(slim_net, os.path.join(directory, "slim"))
-
-    @staticmethod
-    def _write_csv(path: str, rows: List[Dict], columns: List[str]) -> None:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _cell(k, v) for k, v in row.items()})
-        with atomic.open_atomic(path) as f:
-            f.write(buf.getvalue())
+            export.save_saved_model(slim_net, os.path.join(directory, "slim"), out)

@@ -2,7 +2,7 @@
 
     python -m ke_tf.main                                   # embedded digits, minutes on a CPU
     python -m ke_tf.main --dataset=stanford_dogs           # the paper's settings (Table 2)
-    python -m ke_tf.main --flagfile=flags/flower102_smth_kels.flags
+    python -m ke_tf.main --flagfile=flags/table2_flower102_smth.flags
 
 The flags are defined here and turned once into a frozen `RunConfig`; nothing below reads them.
 Flags left at None take a dataset-aware default (`dataset_defaults`): the paper's settings for
@@ -28,7 +28,14 @@ flags.DEFINE_string("data_dir", None, "tfds data directory (default: tfds' ~/ten
 flags.DEFINE_string("manual_dir", None, "Directory holding manually downloaded tfds archives.")
 flags.DEFINE_integer("image_size", None, "Square input side in pixels [default: 32 digits, 224 "
                      "otherwise].", lower_bound=8, upper_bound=1024)
-flags.DEFINE_integer("batch_size", 32, "Training batch size (paper: 32).", lower_bound=1)
+flags.DEFINE_enum("task", "classification", C.TASKS, "classification (logits, top-1/top-5) or "
+                  "metric (L2-normalized embeddings, semi-hard triplet loss, Recall@K and NMI on "
+                  "class-disjoint test classes, sec. 4.2).")
+flags.DEFINE_integer("batch_size", None, "Training batch size [default: 32; P*K with "
+                     "--task=metric].", lower_bound=1)
+flags.DEFINE_integer("p_classes", None, "--task=metric: classes per batch P [default: 25 (paper), "
+                     "5 digits].", lower_bound=2)
+flags.DEFINE_integer("k_images", 5, "--task=metric: images per class in a batch K.", lower_bound=2)
 flags.DEFINE_integer("digits_per_class", 10, "digits: training images per class; the rest is "
                      "the test split.", lower_bound=1, upper_bound=150)
 flags.DEFINE_integer("recal_images", 512, "Training images used to re-estimate the slim "
@@ -37,6 +44,8 @@ flags.DEFINE_integer("recal_images", 512, "Training images used to re-estimate t
 flags.DEFINE_enum("arch", "resnet18", C.ARCHS, "Architecture.")
 flags.DEFINE_enum("stem", None, C.STEMS, "imagenet (7x7/2 conv + max-pool) or small (3x3/1 "
                   "conv) [default: small for images <= 64 px].")
+flags.DEFINE_integer("embedding_dim", 128, "--task=metric: embedding size (paper: 128).",
+                     lower_bound=2)
 flags.DEFINE_float("width_multiplier", None, "Scales every internal channel count [default: "
                    "0.25 digits, 1 otherwise].", lower_bound=1e-3, upper_bound=4.0)
 # --- split ---
@@ -44,6 +53,8 @@ flags.DEFINE_enum("split_mode", "kels", C.SPLIT_MODES, "kels: kernel-level, give
                   "network; wels: weight-level random (sec. 3.2).")
 flags.DEFINE_float("split_rate", 0.8, "Split rate s in (0, 1]: share of filters (KELS) or "
                    "weights (WELS) in the fit hypothesis.")
+flags.DEFINE_boolean("wels_rand", False, "With --split_mode=wels: draw a new random mask before "
+                     "every generation (WELS-Rand, appendix D(1)).")
 flags.DEFINE_enum("reset_init", "layer", C.RESET_INITS, "Distribution of the re-initialized "
                   "reset hypothesis: the layer's own initializer, or PyTorch's default.")
 # --- training ---
@@ -51,7 +62,8 @@ flags.DEFINE_integer("generations", None, "Number of generations g [default: 5 d
                      "otherwise].", lower_bound=1)
 flags.DEFINE_integer("epochs", None, "Epochs per generation e [default: 40 digits, 200 "
                      "otherwise].", lower_bound=1)
-flags.DEFINE_float("lr", None, "Peak learning rate [default: 0.05 digits, 0.256 otherwise].")
+flags.DEFINE_float("lr", None, "Peak learning rate [default: 0.05 digits, 0.256 otherwise; "
+                   "a tenth of that with --task=metric (paper: 0.0256)].")
 flags.DEFINE_integer("warmup_epochs", None, "Linear warm-up epochs [default: min(5, epochs-1)].",
                      lower_bound=0)
 flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
@@ -60,12 +72,15 @@ flags.DEFINE_float("weight_decay", None, "PyTorch-style (coupled) L2 weight deca
 flags.DEFINE_enum("regularizer", None, C.REGULARIZERS, "none: cross entropy; smooth: label "
                   "smoothing [default: smooth digits, none otherwise].")
 flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing alpha with --regularizer=smooth.")
+flags.DEFINE_float("triplet_margin", 0.2, "--task=metric: margin m of the triplet loss (Eq. 3); "
+                   "FaceNet's 0.2 for unit-length embeddings (the paper does not state it).")
 flags.DEFINE_boolean("slim_bn_recalibration", True, "Also evaluate (and export) the slim "
                      "network with BatchNorm statistics re-estimated on training images.")
 # --- run ---
 flags.DEFINE_integer("seed", 0, "Run seed: initial weights, masks, reset draws, data order.",
                      lower_bound=0)
 flags.DEFINE_string("run_dir", None, "Output directory [default: runs/<dataset>-<arch>-s<seed>].")
+flags.DEFINE_boolean("overwrite", False, "Replace the run already in --run_dir.")
 flags.DEFINE_boolean("export", True, "Export the last generation's networks as SavedModels.")
 flags.DEFINE_boolean("quiet", False, "No progress bars or tables on the console.")
 FLAGS = flags.FLAGS
@@ -84,28 +99,38 @@ def dataset_defaults(dataset: str) -> dict:
 def config_from_flags(values: dict) -> C.RunConfig:
     """Turns {flag: value} (None = unset) into a validated RunConfig. Pure: tests call it."""
     v = dict(values)
-    for name, default in dataset_defaults(v["dataset"]).items():
+    defaults = dataset_defaults(v["dataset"])
+    if v["task"] == "metric":  # sec. 4.2: P x K batches, lr / 10
+        defaults.update(lr=defaults["lr"] / 10, p_classes=5 if v["dataset"] == "digits" else 25)
+    for name, default in defaults.items():
         if v.get(name) is None:
             v[name] = default
+    if v.get("batch_size") is None:
+        v["batch_size"] = v["p_classes"] * v["k_images"] if v["task"] == "metric" else 32
     if v.get("warmup_epochs") is None:
         v["warmup_epochs"] = min(5, v["epochs"] - 1)
     if v.get("run_dir") is None:
         slug = v["dataset"].replace("folder:", "folder-").replace("/", "_").strip("_")
         v["run_dir"] = os.path.join("runs", f"{slug}-{v['arch']}-s{v['seed']}")
     data = C.DataConfig(dataset=v["dataset"], data_dir=v["data_dir"], manual_dir=v["manual_dir"],
-                        image_size=v["image_size"], batch_size=v["batch_size"],
+                        image_size=v["image_size"], batch_size=v["batch_size"], task=v["task"],
+                        p_classes=v["p_classes"] or 25, k_images=v["k_images"],
                         digits_per_class=v["digits_per_class"], recal_images=v["recal_images"],
                         seed=v["seed"])
-    model = C.ModelConfig(arch=v["arch"], stem=v["stem"], width_multiplier=v["width_multiplier"])
+    model = C.ModelConfig(arch=v["arch"], stem=v["stem"], width_multiplier=v["width_multiplier"],
+                          head="embedding" if v["task"] == "metric" else "logits",
+                          embedding_dim=v["embedding_dim"])
     split = C.SplitConfig(split_mode=v["split_mode"], split_rate=v["split_rate"],
-                          reset_init=v["reset_init"])
+                          reset_init=v["reset_init"], wels_rand=v["wels_rand"])
     train = C.TrainConfig(generations=v["generations"], epochs=v["epochs"], lr=v["lr"],
                           warmup_epochs=v["warmup_epochs"], momentum=v["momentum"],
                           weight_decay=v["weight_decay"], regularizer=v["regularizer"],
                           label_smoothing=v["label_smoothing"],
+                          triplet_margin=v["triplet_margin"],
                           slim_bn_recalibration=v["slim_bn_recalibration"])
     return C.RunConfig(data=data, model=model, split=split, train=train, seed=v["seed"],
-                       run_dir=v["run_dir"], export=v["export"]).validate()
+                       run_dir=v["run_dir"], export=v["export"],
+                       overwrite=v["overwrite"]).validate()
 
 
 def check_run_dir(path: str) -> None:

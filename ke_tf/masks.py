@@ -27,9 +27,10 @@ import keras
 import numpy as np
 
 from ke_tf import atomic, graph
+from ke_tf.config import SPLIT_MODES
 
 Masks = Dict[str, np.ndarray]
-MODES = ("kels", "wels")
+MODES = SPLIT_MODES
 
 
 def kept_channels(n: int, split_rate: float) -> int:
@@ -134,12 +135,6 @@ def save(path: str, masks: Masks) -> None:
 def load(path: str) -> Masks:
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k].astype(bool) for k in data.files}
-
-
-def fit_fraction(masks: Masks) -> float:
-    """Share of masked weights in the fit hypothesis."""
-    total = sum(m.size for m in masks.values())
-    return sum(int(m.sum()) for m in masks.values()) / max(total, 1)
 
 
 def hypothesis_magnitudes(model: keras.Model, masks: Masks) -> Dict[str, tuple]:

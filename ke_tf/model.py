@@ -27,15 +27,25 @@ def lr_at_epoch(epoch: int, base_lr: float, epochs: int, warmup_epochs: int) -> 
 
 
 class LearningRateSchedule(keras.callbacks.Callback):
-    """Sets the optimizer's learning rate at the start of every epoch (`lr_at_epoch`)."""
+    """Sets the optimizer's learning rate at the start of every epoch (`lr_at_epoch`).
+
+    Keras's SGD keeps the learning rate inside its velocity (v = mu*v - lr*g; w += v) while
+    PyTorch's keeps it outside (b = mu*b + g; w -= lr*b): the two agree while lr is constant.
+    When lr changes from lr0 to lr1, the velocity is scaled by lr1/lr0, which makes every update
+    exactly PyTorch's, as the paper's runs had it."""
 
     def __init__(self, base_lr: float, epochs: int, warmup_epochs: int):
         super().__init__()
         self.base_lr, self.epochs, self.warmup_epochs = base_lr, epochs, warmup_epochs
 
     def on_epoch_begin(self, epoch, logs=None):
+        optimizer = self.model.optimizer
         lr = lr_at_epoch(epoch, self.base_lr, self.epochs, self.warmup_epochs)
-        self.model.optimizer.learning_rate.assign(lr)
+        old = float(optimizer.learning_rate.numpy())
+        if old > 0 and lr != old:
+            for velocity in getattr(optimizer, "momentums", None) or []:
+                velocity.assign(velocity * (lr / old))
+        optimizer.learning_rate.assign(lr)
 
 
 def restart_optimizer(optimizer: keras.optimizers.Optimizer) -> None:

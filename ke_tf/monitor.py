@@ -64,16 +64,17 @@ class Monitor:
         self._writers.append(writer)
         return EpochProgress(writer, generation, generations, epochs, self.verbose)
 
-    def log_generation(self, generation: int, rows: List[Dict], train_top1: float,
+    def log_generation(self, generation: int, rows: List[Dict], columns, train: Dict[str, float],
                        hypotheses: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> None:
-        """Scalars of one finished generation; `hypotheses`: layer -> (fit |w|, reset |w|)."""
+        """Scalars of one finished generation: every evaluation `column` of every network row,
+        the training metrics, and `hypotheses`: variable -> (fit |w|, reset |w|)."""
         with self.generations.as_default(step=generation):
             for row in rows:
-                for key, value in row.items():
-                    if key.endswith(("top1", "top5")) or key.startswith(("recall_at", "nmi")):
-                        if value is not None and value != "":
-                            tf.summary.scalar(f"{row['net']}/{key}", float(value))
-            tf.summary.scalar("train/top1", train_top1)
+                for key in columns:
+                    if row.get(key, "") != "":
+                        tf.summary.scalar(f"{row['net']}/{key}", float(row[key]))
+            for key, value in train.items():
+                tf.summary.scalar(key.replace("train_", "train/"), value)
             for layer, (fit, reset) in hypotheses.items():
                 tf.summary.scalar(f"fit/{layer}", float(fit.mean()) if fit.size else 0.0)
                 if reset.size:

@@ -25,8 +25,8 @@ import numpy as np
 
 from ke_tf import graph
 from ke_tf import masks as masks_lib
+from ke_tf.config import RESET_INITS
 
-RESET_INITS = ("layer", "torch_default")
 Seed = Union[int, Sequence[int]]
 
 

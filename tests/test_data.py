@@ -318,3 +318,152 @@ def test_tfds_prepared_offline_from_manual_dir(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.sort(arrays(d.train)[1]), [9, 19, 29, 39])
     np.testing.assert_array_equal(np.sort(arrays(d.val)[1]), [49, 59])
     assert arrays(d.test)[0].shape == (3, 16, 16, 3)
+
+
+# -----------------------------------------------------------------------------
+# metric learning: class-disjoint splits, P x K batches
+
+def metric_config(**kwargs):
+    p, k = kwargs.pop("p", 5), kwargs.pop("k", 5)
+    return DataConfig(task="metric", p_classes=p, k_images=k, batch_size=p * k, **kwargs)
+
+
+def assert_p_by_k(labels, p, k):
+    """labels of one batch: exactly k images of each of p distinct classes."""
+    classes, counts = np.unique(labels, return_counts=True)
+    assert len(classes) == p and (counts == k).all(), labels
+
+
+@pytest.fixture(scope="module")
+def digits_metric():
+    return data.load(metric_config(digits_per_class=500))  # digits_per_class: unused
+
+
+def test_metric_digits_splits_are_class_disjoint(digits_metric):
+    from sklearn.datasets import load_digits
+    target = load_digits().target
+    info = digits_metric.info
+    assert (info.num_classes, info.class_names) == (5, tuple("01234"))
+    assert (info.num_test_classes, info.test_class_names) == (5, tuple("56789"))
+    assert (info.num_train, info.num_test, info.num_val, info.has_val) == (901, 896, 0, False)
+    assert digits_metric.val is None
+    # all images of the classes, in the source's (class-mixed) order, re-indexed from 0
+    np.testing.assert_array_equal(arrays(digits_metric.train_plain)[1], target[target < 5])
+    x_test, y_test = arrays(digits_metric.test)
+    np.testing.assert_array_equal(y_test, target[target >= 5] - 5)
+    assert x_test.shape == (896, 32, 32, 3)
+    assert [len(y) for _, y in digits_metric.test][:2] == [25, 25]
+
+
+def test_metric_batches_are_p_classes_by_k_images(digits_metric):
+    assert digits_metric.train.cardinality() == 901 // 25
+    for epoch in range(2):
+        batches = [(x.numpy(), y.numpy()) for x, y in digits_metric.train]
+        assert len(batches) == 36
+        for x, y in batches:
+            assert x.shape == (25, 32, 32, 3) and x.dtype == np.float32 and y.dtype == np.int32
+            assert_p_by_k(y, 5, 5)
+    d = data.load(metric_config(p=3, k=4))
+    batches = [y.numpy() for _, y in d.train]
+    assert len(batches) == 901 // 12
+    for y in batches:
+        assert_p_by_k(y, 3, 4)
+    assert len({tuple(np.unique(y)) for y in batches}) == 10  # all C(5, 3) class triples drawn
+
+
+def test_metric_train_is_reproducible_and_differs_per_epoch():
+    a, b = data.load(metric_config(seed=3)), data.load(metric_config(seed=3))
+    a1, a2 = arrays(a.train), arrays(a.train)
+    b1, b2 = arrays(b.train), arrays(b.train)
+    for u, v in ((a1, b1), (a2, b2)):
+        np.testing.assert_array_equal(u[0], v[0])
+        np.testing.assert_array_equal(u[1], v[1])
+    assert not np.array_equal(a1[1], a2[1]) and not np.allclose(a1[0], a2[0])
+    c1 = arrays(data.load(metric_config(seed=4)).train)
+    assert not np.array_equal(a1[1], c1[1])
+
+
+def solid(color, h=20, w=24):
+    return np.broadcast_to(np.array(color, np.uint8), (h, w, 3)).copy()
+
+
+def test_metric_folder(tmp_path):
+    """Train and test have their own classes; every image is of one solid colour, which
+    augmentation keeps, so a batch shows whether images and labels stay together."""
+    colors = {"a": (250, 0, 0), "b": (0, 250, 0), "c": (0, 0, 250), "x": (250, 250, 0),
+              "y": (0, 250, 250)}
+    for split, counts in (("train", {"a": 3, "b": 2, "c": 5}), ("test", {"y": 2, "x": 1})):
+        for name, n in counts.items():
+            for i in range(n):
+                write_png(str(tmp_path / split / name / f"{i}.png"), solid(colors[name]))
+    d = data.load(metric_config(dataset=f"folder:{tmp_path}", image_size=16, p=2, k=2))
+    info = d.info
+    assert (info.class_names, info.test_class_names) == (("a", "b", "c"), ("x", "y"))
+    assert (info.num_train, info.num_test, info.num_classes, info.num_test_classes) == (10, 3, 3, 2)
+    train_colors = np.array([colors[c] for c in "abc"]) / 255.0
+    for _ in range(2):
+        batches = [(x.numpy(), y.numpy()) for x, y in d.train]
+        assert len(batches) == 10 // 4
+        for x, y in batches:
+            assert_p_by_k(y, 2, 2)
+            np.testing.assert_allclose(unnormalize(x).mean(axis=(1, 2)), train_colors[y],
+                                       atol=2e-3)
+    x, y = arrays(d.test)
+    np.testing.assert_array_equal(np.sort(y), [0, 1, 1])
+    np.testing.assert_allclose(unnormalize(x).mean(axis=(1, 2)),
+                               np.array([colors[c] for c in "xy"])[y] / 255.0, atol=2e-3)
+    np.testing.assert_array_equal(np.bincount(arrays(d.train_plain)[1]), [3, 2, 5])
+
+
+@pytest.mark.parametrize("name, n_train_classes, n_classes", [
+    ("caltech_birds2011", 100, 200), ("cars196", 98, 196)])
+def test_metric_tfds_mocked(name, n_train_classes, n_classes):
+    # mock_data gives both tfds splits the same random examples, so every class that occurs has
+    # at least 2 images in the pool; most classes have none (never drawn).
+    with tfds.testing.mock_data(num_examples=30), \
+            mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: True):
+        builder = tfds.builder(name)
+        names = builder.info.features["label"].names
+        # The mocked labels depend on which features are generated: skip images as ke_tf does.
+        decoders = tfds.decode.PartialDecoding({"image": True, "label": True},
+                                               decoders={"image": tfds.decode.SkipDecoding()})
+        pool = np.concatenate([[y for _, y in tfds.as_numpy(builder.as_dataset(
+            split=split, as_supervised=True, decoders=decoders))] for split in ("train", "test")])
+        d = data.load(metric_config(dataset=name, image_size=16, p=2, k=2))
+        info = d.info
+        assert (info.num_classes, info.num_test_classes) == (n_train_classes,
+                                                              n_classes - n_train_classes)
+        assert info.class_names == tuple(names[:n_train_classes])
+        assert info.test_class_names == tuple(names[n_train_classes:])
+        train, test = pool[pool < n_train_classes], pool[pool >= n_train_classes]
+        assert 0 < len(train) and 0 < len(test) and len(train) + len(test) == 60
+        assert (info.num_train, info.num_test, info.has_val) == (len(train), len(test), False)
+        np.testing.assert_array_equal(arrays(d.train_plain)[1], train)
+        x, y = arrays(d.test)
+        np.testing.assert_array_equal(y, test - n_train_classes)
+        assert x.shape == (len(test), 16, 16, 3) and np.isfinite(x).all()
+        batches = [y.numpy() for _, y in d.train]
+        assert len(batches) == len(train) // 4
+        for y in batches:
+            assert_p_by_k(y, 2, 2)
+            assert set(y) <= set(train)
+
+
+def test_metric_errors():
+    with pytest.raises(data.DataError, match=r"--k_images=180: training class '0' .* 178 images"):
+        data.load(metric_config(p=2, k=180))
+    with pytest.raises(data.DataError, match=r"--p_classes=6 exceeds the 5 training classes"):
+        data.load(metric_config(p=6, k=2))
+    for name in ("oxford_flowers102", "stanford_dogs"):  # refused before any download
+        with pytest.raises(data.DataError, match=f"--task=metric .* --dataset={name}"):
+            data.load(metric_config(dataset=name, data_dir="/nonexistent"))
+
+
+def test_metric_batches_do_not_depend_on_caching(digits_metric, monkeypatch):
+    cached = arrays(data.load(metric_config(seed=0)).train)
+    monkeypatch.setattr(data, "CACHE_BYTES", 0)  # decode at every use
+    uncached = data.load(metric_config(seed=0))
+    for u, v in zip(cached, arrays(uncached.train)):
+        np.testing.assert_array_equal(u, v)
+    for u, v in zip(arrays(digits_metric.train_plain), arrays(uncached.train_plain)):
+        np.testing.assert_array_equal(u, v)

@@ -27,6 +27,7 @@ def run_cli(args, cwd, module="ke_tf.main", timeout=600):
     (["--image_size=abc"], "image_size"),
     (["--arch=vgg11_bn", "--image_size=16"], "image_size"),
     (["positional"], "positional"),
+    (["--wels_rand"], "wels_rand"),
 ])
 def test_bad_usage_exits_2_naming_the_flag_and_writes_nothing(tmp_path, args, flag):
     run_dir = tmp_path / "run"
@@ -101,6 +102,7 @@ def test_console_script_is_the_same_program(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--split_rate" in proc.stderr
     helpfull = subprocess.run([script, "--helpfull"], capture_output=True, text=True, timeout=300)
+    assert helpfull.returncode == 0
     assert "--split_rate" in helpfull.stdout and "--generations" in helpfull.stdout
 
 

@@ -25,8 +25,9 @@ def test_schedule_is_warmup_then_cosine():
     assert lr_at_epoch(0, 0.1, 3, 0) == pytest.approx(0.1)
 
 
-def test_sgd_matches_pytorch_coupled_weight_decay(rng):
-    """w -= lr * buf, buf = mu*buf + (g + wd*w): PyTorch SGD(weight_decay=wd, momentum=mu)."""
+def test_sgd_matches_pytorch_coupled_weight_decay_under_the_schedule(rng):
+    """w -= lr_t * buf, buf = mu*buf + (g + wd*w): PyTorch SGD(weight_decay=wd, momentum=mu),
+    with the learning rate changing every epoch (warm-up, then cosine)."""
     x, y = rng.normal(size=(8, 4)).astype("float32"), np.arange(8) % 3
     net = tiny()
     w = [v.numpy().copy() for v in net.trainable_variables]
@@ -35,16 +36,20 @@ def test_sgd_matches_pytorch_coupled_weight_decay(rng):
     model = KEModel(net, weight_decay=0.05)
     model.compile(optimizer=keras.optimizers.SGD(0.3, momentum=0.9),
                   loss=losses.SparseCrossEntropy(0.1))
-    model.fit(x, y, batch_size=8, epochs=3, verbose=0, shuffle=False)
+    restart_optimizer(model.optimizer)
+    model.fit(x, y, batch_size=8, epochs=4, verbose=0, shuffle=False,
+              callbacks=[LearningRateSchedule(0.3, epochs=4, warmup_epochs=2)])
     buf = [np.zeros_like(a) for a in w]
-    for _ in range(3):
+    for epoch in range(4):
+        lr = lr_at_epoch(epoch, 0.3, 4, 2)
         for v, a in zip(ref.trainable_variables, w):
             v.assign(a)
         with tf.GradientTape() as tape:
             loss = losses.sparse_cross_entropy(y, ref(x, training=True), 0.1)
         grads = tape.gradient(loss, ref.trainable_variables)
         buf = [0.9 * b + g.numpy() + 0.05 * a for b, g, a in zip(buf, grads, w)]
-        w = [a - 0.3 * b for a, b in zip(w, buf)]
+        w = [a - lr * b for a, b in zip(w, buf)]
+    assert [lr_at_epoch(e, 0.3, 4, 2) for e in range(4)] == pytest.approx([0.15, 0.3, 0.3, 0.15])
     for v, a in zip(net.trainable_variables, w):
         np.testing.assert_allclose(v.numpy(), a, rtol=1e-5, atol=1e-6)
 

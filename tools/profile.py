@@ -30,11 +30,13 @@ def _shape(layer) -> str:
 
 
 def main(_):
-    try:
-        dense = networks.build(FLAGS.arch, FLAGS.num_classes, FLAGS.image_size, stem=FLAGS.stem,
-                               width_multiplier=FLAGS.width_multiplier)
-    except ValueError as err:
-        raise config.ConfigError(str(err)) from err
+    stem = FLAGS.stem or networks.default_stem(FLAGS.image_size)
+    if FLAGS.image_size < networks.min_image_size(FLAGS.arch, stem):
+        raise config.ConfigError(
+            f"--image_size must be >= {networks.min_image_size(FLAGS.arch, stem)} for "
+            f"--arch={FLAGS.arch} with the {stem} stem. Received: image_size={FLAGS.image_size}")
+    dense = networks.build(FLAGS.arch, FLAGS.num_classes, FLAGS.image_size, stem=stem,
+                           width_multiplier=FLAGS.width_multiplier)
     m = masks.compute(dense, "kels", FLAGS.split_rate)
     small = slim.architecture(dense, m)
     slim_rows = {r.name: r for r in cost.layer_costs(small)}

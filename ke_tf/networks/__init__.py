@@ -25,6 +25,16 @@ STEMS = ("imagenet", "small")
 HEADS = ("logits", "embedding")
 
 
+def default_stem(image_size):
+    """"small" (3x3/1 conv, no max-pool) for images <= 64 px, else "imagenet"."""
+    return "small" if image_size <= 64 else "imagenet"
+
+
+def min_image_size(arch, stem):
+    """The smallest square image `arch` with `stem` accepts (no spatial size drops below 1)."""
+    return _MODULES[arch].MIN_IMAGE_SIZE[stem]
+
+
 def build(arch, num_classes, image_size, stem=None, head="logits", embedding_dim=128,
           width_multiplier=1.0, channels=3):
     """Builds `arch` for `image_size` x `image_size` x `channels` images, randomly initialized.
@@ -61,9 +71,8 @@ def build(arch, num_classes, image_size, stem=None, head="logits", embedding_dim
                          f"Received: width_multiplier={width_multiplier!r}")
     if channels < 1:
         raise ValueError(f"`channels` must be >= 1. Received: channels={channels!r}")
-    if stem is None:
-        stem = "small" if image_size <= 64 else "imagenet"
-    min_size = _MODULES[arch].MIN_IMAGE_SIZE[stem]
+    stem = default_stem(image_size) if stem is None else stem
+    min_size = min_image_size(arch, stem)
     if image_size < min_size:
         raise ValueError(f"`image_size` must be >= {min_size} for {arch} with the {stem!r} stem. "
                          f"Received: image_size={image_size!r}")

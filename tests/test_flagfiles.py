@@ -1,0 +1,50 @@
+"""Every preset in flags/ parses and validates into a RunConfig, without training."""
+import glob
+import os
+import re
+
+import pytest
+
+from ke_tf import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "flags", "*.flags")))
+
+
+def parse(path):
+    flags = main.FLAGS
+    args = flags.read_flags_from_files([f"--flagfile={path}"], force_gnu=True)
+    try:
+        flags(["ke_tf.main"] + args)
+        return main.config_from_flags(
+            {f.name: f.value for f in flags.get_flags_for_module(main)})
+    finally:
+        flags.unparse_flags()
+
+
+def test_there_is_a_preset_per_experiment():
+    names = {os.path.basename(p) for p in FLAGFILES}
+    assert len([n for n in names if n.startswith("table2_")]) == 10
+    assert len([n for n in names if n.startswith("table4_")]) == 4
+    assert len([n for n in names if n.startswith("table5_")]) == 3
+    assert "digits_default.flags" in names
+
+
+@pytest.mark.parametrize("path", FLAGFILES, ids=os.path.basename)
+def test_preset_validates_and_documents_itself(path):
+    text = open(path).read()
+    header = [line for line in text.splitlines() if line.startswith("#")]
+    name = os.path.basename(path)
+    assert any(f"--flagfile=flags/{name}" in line for line in header)
+    assert any(line.startswith("# Runtime:") for line in header)
+    assert any(re.match(r"# (Paper|Expected):", line) for line in header)
+    cfg = parse(path)
+    if name.startswith("table4_"):
+        assert cfg.data.task == "metric" and cfg.model.head == "embedding"
+        assert (cfg.data.batch_size, cfg.train.lr, cfg.split.split_rate) == (125, 0.0256, 0.8)
+    elif name.startswith("table2_"):
+        assert (cfg.model.arch, cfg.split.split_rate, cfg.train.generations) == ("resnet18", 0.8, 10)
+        assert cfg.train.regularizer == ("smooth" if "smth" in name else "none")
+    if name == "digits_default.flags":  # the preset is the no-flag default
+        assert cfg == main.config_from_flags(
+            {f.name: f.default for f in main.FLAGS.get_flags_for_module(main)})
