@@ -16,8 +16,8 @@ generations over.
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import time
 from typing import Dict, List, Optional
 
@@ -104,7 +104,7 @@ class GenerationRunner:
         return {k: (100.0 * v if k != "train_loss" else v) for k, v in last.items()
                 if k in self.task.train_columns}
 
-    def evaluate(self, generation: int, train: Dict[str, float], seconds: float) -> List[Dict]:
+    def evaluate(self, generation: int, train: Dict[str, float]) -> List[Dict]:
         """Rows of results.csv for N_g and (KELS) H_g as extracted and BN-recalibrated."""
         rows = []
         for name, net in self.nets.items():
@@ -115,7 +115,7 @@ class GenerationRunner:
             row = dict.fromkeys(self.columns, "")
             row.update(generation=generation, net=name, method="ke",
                        split_mode=self.config.split.split_mode,
-                       split_rate=self.config.split.split_rate, seconds=seconds, **train)
+                       split_rate=self.config.split.split_rate, **train)
             for split, (dataset, labels) in self.eval_splits.items():
                 outputs = net.predict(dataset, verbose=0)
                 row.update(self.task.evaluate(outputs, labels, split, self.config.seed))
@@ -145,7 +145,9 @@ class GenerationRunner:
             for g in range(1, cfg.train.generations + 1):
                 start = time.time()
                 train = self.train_generation(g, monitor)
-                rows = self.evaluate(g, train, time.time() - start)
+                rows = self.evaluate(g, train)
+                for row in rows:  # training and evaluation of this generation
+                    row["seconds"] = time.time() - start
                 hyp = masks_lib.hypothesis_magnitudes(self.network, self.masks)
                 self.rows += rows
                 self.hypotheses += [{"generation": g, "variable": k, "fit_mean_abs": float(f.mean()),

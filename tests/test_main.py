@@ -63,11 +63,15 @@ def test_dataset_aware_defaults_and_explicit_flags_win():
     base = {f.name: f.default for f in main.FLAGS.get_flags_for_module(main)}
     digits = main.config_from_flags(dict(base, dataset="digits"))
     assert (digits.data.image_size, digits.model.width_multiplier, digits.train.epochs) == (32, 0.25, 40)
+    assert digits.data.batch_size == 25  # 100 images = 4 full batches
     assert digits.train.regularizer == "smooth"
     dogs = main.config_from_flags(dict(base, dataset="stanford_dogs"))
     assert (dogs.data.image_size, dogs.train.lr, dogs.train.epochs, dogs.train.generations) == \
         (224, 0.256, 200, 10)
     assert (dogs.split.split_mode, dogs.split.split_rate, dogs.train.weight_decay) == ("kels", 0.8, 1e-4)
+    assert dogs.data.batch_size == 32
+    metric = main.config_from_flags(dict(base, dataset="cars196", task="metric"))
+    assert (metric.data.batch_size, metric.train.lr, metric.model.head) == (125, 0.0256, "embedding")
     assert dogs.train.warmup_epochs == 5 and dogs.run_dir == os.path.join("runs", "stanford_dogs-resnet18-s0")
     mine = main.config_from_flags(dict(base, dataset="stanford_dogs", lr=0.1, epochs=3))
     assert (mine.train.lr, mine.train.epochs, mine.train.warmup_epochs) == (0.1, 3, 2)
