@@ -98,18 +98,26 @@ class ModelConfig:
 
 SPLIT_MODES = ("kels", "wels")
 RESET_INITS = ("layer", "torch_default")
+EVOLVE_MODES = ("rand", "zero")
+METHODS = ("ke", "llf", "long", "slim_scratch")
 
 
 @dataclasses.dataclass(frozen=True)
 class SplitConfig:
     """How the network is split into fit / reset hypotheses (sec. 3.2) and how the reset part is
     re-drawn (Eq. 1). reset_init="layer": each layer's own initializer; "torch_default":
-    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as the official PyTorch code."""
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as the official PyTorch code. wels_rand: a new WELS mask
+    every generation (appendix D(1)). evolve_mode="zero": reset to zero instead of random (the
+    paper warns it is inferior); fix_reset_seed: the same random reset values in every generation
+    (LLF's ablation). reset_from: the first layer (name prefix) that --method=llf resets."""
 
     split_mode: str = "kels"
     split_rate: float = 0.8
     reset_init: str = "layer"
     wels_rand: bool = False
+    evolve_mode: str = "rand"
+    fix_reset_seed: bool = False
+    reset_from: str = "layer4"
 
     def validate(self) -> "SplitConfig":
         _require(self.split_mode in SPLIT_MODES, "split_mode",
@@ -121,6 +129,9 @@ class SplitConfig:
                  "needs --split_mode=wels", self.wels_rand)
         _require(self.reset_init in RESET_INITS, "reset_init",
                  f"must be one of {', '.join(RESET_INITS)}", self.reset_init)
+        _require(self.evolve_mode in EVOLVE_MODES, "evolve_mode",
+                 f"must be one of {', '.join(EVOLVE_MODES)}", self.evolve_mode)
+        _require(bool(self.reset_from), "reset_from", "must name a layer prefix", self.reset_from)
         return self
 
 
@@ -178,6 +189,7 @@ class RunConfig:
     run_dir: str = "runs/default"
     export: bool = True
     overwrite: bool = False
+    method: str = "ke"
 
     def __post_init__(self):
         # One run seed: it also seeds the data pipeline's shuffling and augmentation.
@@ -186,6 +198,12 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         self.data.validate(), self.model.validate(), self.split.validate(), self.train.validate()
         _require(self.seed >= 0, "seed", "must be >= 0", self.seed)
+        _require(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}",
+                 self.method)
+        if self.method == "slim_scratch":
+            _require(self.split.split_mode == "kels", "split_mode",
+                     "must be kels with --method=slim_scratch (the slim network is KELS's)",
+                     self.split.split_mode)
         _require(bool(self.run_dir), "run_dir", "must not be empty", self.run_dir)
         if self.data.task == "metric":
             _require(self.model.head == "embedding", "head",
@@ -198,7 +216,7 @@ class RunConfig:
     def to_flags(self) -> dict:
         """One flat {flag name: value} dict (field names are the flag names)."""
         flat = {"seed": self.seed, "run_dir": self.run_dir, "export": self.export,
-                "overwrite": self.overwrite}
+                "overwrite": self.overwrite, "method": self.method}
         for part in (self.data, self.model, self.split, self.train):
             flat.update(dataclasses.asdict(part))
         return flat

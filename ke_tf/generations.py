@@ -25,7 +25,7 @@ import keras
 import numpy as np
 
 from ke_tf import atomic, cost, data as data_lib, export, masks as masks_lib
-from ke_tf import model as model_lib, networks, reinit, results, slim, tasks
+from ke_tf import methods, model as model_lib, networks, reinit, results, slim, tasks
 from ke_tf.config import ConfigError, RunConfig
 from ke_tf.monitor import Monitor
 
@@ -64,15 +64,23 @@ class GenerationRunner:
         self.data = data if data is not None else data_lib.load(config.data)
         self.task = tasks.TASKS[config.data.task]
         info = self.data.info
+        self.generations, self.epochs = methods.schedule(config)
         keras.utils.set_random_seed(config.seed)  # the initial weights of N_1
-        self.network = networks.build(m.arch, info.num_classes, size, stem=m.stem, head=m.head,
-                                      embedding_dim=m.embedding_dim,
-                                      width_multiplier=m.width_multiplier)
+        dense = networks.build(m.arch, info.num_classes, size, stem=m.stem, head=m.head,
+                               embedding_dim=m.embedding_dim, width_multiplier=m.width_multiplier)
         s = config.split
-        self.masks = masks_lib.compute(self.network, s.split_mode, s.split_rate, seed=config.seed)
+        if config.method == "slim_scratch":  # the slim architecture, fresh weights, nothing reset
+            self.network = slim.architecture(dense, masks_lib.compute(dense, "kels", s.split_rate))
+            self.masks = {}
+        elif config.method == "llf":
+            self.network, self.masks = dense, methods.llf_masks(dense, s.reset_from)
+        else:
+            self.network = dense
+            self.masks = masks_lib.compute(dense, s.split_mode, s.split_rate, seed=config.seed)
         # The networks evaluated every generation, built once (their predict functions too).
-        self.nets: Dict[str, keras.Model] = {"dense": self.network}
-        if s.split_mode == "kels":
+        self.nets: Dict[str, keras.Model] = {
+            "slim" if config.method == "slim_scratch" else "dense": self.network}
+        if config.method in ("ke", "long") and s.split_mode == "kels":
             self.nets["slim"] = slim.architecture(self.network, self.masks)
             if config.train.slim_bn_recalibration:
                 self.nets["slim_recal"] = slim.architecture(self.network, self.masks)
@@ -97,9 +105,9 @@ class GenerationRunner:
         t = self.config.train
         model_lib.restart_optimizer(self.model.optimizer)
         history = self.model.fit(
-            self.data.train, epochs=t.epochs, verbose=0, shuffle=False,
-            callbacks=[model_lib.LearningRateSchedule(t.lr, t.epochs, t.warmup_epochs),
-                       monitor.epoch_callback(generation, t.generations, t.epochs)])
+            self.data.train, epochs=self.epochs, verbose=0, shuffle=False,
+            callbacks=[model_lib.LearningRateSchedule(t.lr, self.epochs, t.warmup_epochs),
+                       monitor.epoch_callback(generation, self.generations, self.epochs)])
         last = {f"train_{k}": float(v[-1]) for k, v in history.history.items()}
         return {k: (100.0 * v if k != "train_loss" else v) for k, v in last.items()
                 if k in self.task.train_columns}
@@ -108,12 +116,12 @@ class GenerationRunner:
         """Rows of results.csv for N_g and (KELS) H_g as extracted and BN-recalibrated."""
         rows = []
         for name, net in self.nets.items():
-            if name != "dense":
+            if net is not self.network:
                 slim.copy_fit_weights(self.network, self.masks, net)
             if name == "slim_recal":
                 slim.recalibrate_batchnorm(net, self.data.train_plain, self.config.data.recal_images)
             row = dict.fromkeys(self.columns, "")
-            row.update(generation=generation, net=name, method="ke",
+            row.update(generation=generation, net=name, method=self.config.method,
                        split_mode=self.config.split.split_mode,
                        split_rate=self.config.split.split_rate, **train)
             for split, (dataset, labels) in self.eval_splits.items():
@@ -142,7 +150,7 @@ class GenerationRunner:
         masks_lib.save(os.path.join(run_dir, "masks.npz"), self.masks)
         monitor = Monitor(os.path.join(run_dir, "tensorboard"), flags, verbose=self.verbose)
         try:
-            for g in range(1, cfg.train.generations + 1):
+            for g in range(1, self.generations + 1):
                 start = time.time()
                 train = self.train_generation(g, monitor)
                 rows = self.evaluate(g, train)
@@ -160,24 +168,32 @@ class GenerationRunner:
                 monitor.print_table(self.rows, [c for c in self.columns if c not in
                                                 ("method", "split_mode", "split_rate", "macs")
                                                 and any(r[c] != "" for r in self.rows)])
-                if g < cfg.train.generations:
-                    if cfg.split.wels_rand:  # appendix D(1): a new random mask per generation
-                        self.masks = masks_lib.compute(self.network, "wels", cfg.split.split_rate,
-                                                       seed=(cfg.seed, g + 1))
-                        masks_lib.save(os.path.join(run_dir, "masks.npz"), self.masks)
-                    reinit.reset(self.network, self.masks, seed=(cfg.seed, g),
-                                 reset_init=cfg.split.reset_init)
+                if g < self.generations:
+                    self.reinitialize(g)
             if cfg.export:
                 self.export(os.path.join(run_dir, "export"))
         finally:
             monitor.close()
         return self.rows
 
+    def reinitialize(self, generation: int) -> None:
+        """Between generation g and g+1: Eq. 1 on the reset hypothesis (its variants by flag)."""
+        cfg, s = self.config, self.config.split
+        if s.wels_rand:  # appendix D(1): a new random mask every generation
+            self.masks = masks_lib.compute(self.network, "wels", s.split_rate,
+                                           seed=(cfg.seed, generation + 1))
+            masks_lib.save(os.path.join(cfg.run_dir, "masks.npz"), self.masks)
+        if s.evolve_mode == "zero":
+            reinit.apply(self.network, self.masks, reinit.zero_values(self.network, self.masks))
+        else:
+            seed = (cfg.seed, 1 if s.fix_reset_seed else generation)
+            reinit.reset(self.network, self.masks, seed=seed, reset_init=s.reset_init)
+
     def export(self, directory: str) -> None:
         """The last generation's dense N_G and slim H_G as SavedModels (slim: recalibrated
         unless --slim_bn_recalibration=false)."""
-        out = self.task.output_name
-        export.save_saved_model(self.network, os.path.join(directory, "dense"), out)
-        slim_net = self.nets.get("slim_recal", self.nets.get("slim"))
-        if slim_net is not None:
-            export.save_saved_model(slim_net, os.path.join(directory, "slim"), out)
+        last = {"dense": self.nets.get("dense"),
+                "slim": self.nets.get("slim_recal", self.nets.get("slim"))}
+        for name, net in last.items():
+            if net is not None:
+                export.save_saved_model(net, os.path.join(directory, name), self.task.output_name)

@@ -55,6 +55,15 @@ flags.DEFINE_float("split_rate", 0.8, "Split rate s in (0, 1]: share of filters 
                    "weights (WELS) in the fit hypothesis.")
 flags.DEFINE_boolean("wels_rand", False, "With --split_mode=wels: draw a new random mask before "
                      "every generation (WELS-Rand, appendix D(1)).")
+flags.DEFINE_enum("method", "ke", C.METHODS, "ke: Knowledge Evolution; llf: later-layer "
+                  "forgetting (reset every kernel from --reset_from on); long: one generation of "
+                  "generations*epochs epochs; slim_scratch: the slim KELS architecture trained "
+                  "from scratch for generations*epochs epochs.")
+flags.DEFINE_string("reset_from", "layer4", "--method=llf: name prefix of the first layer reset.")
+flags.DEFINE_enum("evolve_mode", "rand", C.EVOLVE_MODES, "rand: re-draw the reset hypothesis; "
+                  "zero: set it to zero (an ablation the paper warns against).")
+flags.DEFINE_boolean("fix_reset_seed", False, "Draw the same random reset values in every "
+                     "generation (LLF's ablation).")
 flags.DEFINE_enum("reset_init", "layer", C.RESET_INITS, "Distribution of the re-initialized "
                   "reset hypothesis: the layer's own initializer, or PyTorch's default.")
 # --- training ---
@@ -122,7 +131,9 @@ def config_from_flags(values: dict) -> C.RunConfig:
                           head="embedding" if v["task"] == "metric" else "logits",
                           embedding_dim=v["embedding_dim"])
     split = C.SplitConfig(split_mode=v["split_mode"], split_rate=v["split_rate"],
-                          reset_init=v["reset_init"], wels_rand=v["wels_rand"])
+                          reset_init=v["reset_init"], wels_rand=v["wels_rand"],
+                          evolve_mode=v["evolve_mode"], fix_reset_seed=v["fix_reset_seed"],
+                          reset_from=v["reset_from"])
     train = C.TrainConfig(generations=v["generations"], epochs=v["epochs"], lr=v["lr"],
                           warmup_epochs=v["warmup_epochs"], momentum=v["momentum"],
                           weight_decay=v["weight_decay"], regularizer=v["regularizer"],
@@ -131,7 +142,7 @@ def config_from_flags(values: dict) -> C.RunConfig:
                           slim_bn_recalibration=v["slim_bn_recalibration"])
     return C.RunConfig(data=data, model=model, split=split, train=train, seed=v["seed"],
                        run_dir=v["run_dir"], export=v["export"],
-                       overwrite=v["overwrite"]).validate()
+                       overwrite=v["overwrite"], method=v["method"]).validate()
 
 
 def check_run_dir(path: str) -> None:

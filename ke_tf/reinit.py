@@ -73,6 +73,11 @@ def _torch_draw(layer, var, words) -> np.ndarray:
     return rng.uniform(-bound, bound, size=tuple(var.shape)).astype(var.dtype)
 
 
+def zero_values(model: keras.Model, masks: masks_lib.Masks) -> Dict[str, np.ndarray]:
+    """W_r = 0 for every masked variable: the "reset to zero" ablation (--evolve_mode=zero)."""
+    return {v.path: np.zeros(tuple(v.shape), v.dtype) for v in model.weights if v.path in masks}
+
+
 def fresh_values(model: keras.Model, masks: masks_lib.Masks, seed: Seed,
                  reset_init: str = "layer") -> Dict[str, np.ndarray]:
     """A fresh random tensor W_r for every masked variable of `model` (Eq. 1).

@@ -1,0 +1,96 @@
+"""Each method's defining rule: which weights change between generations, which stay, which are 0."""
+import numpy as np
+import pytest
+
+from ke_tf import config as C
+from ke_tf import methods, networks, slim
+from ke_tf.generations import GenerationRunner
+
+RESNET_PREFIXES = ("layer1", "layer2", "layer3", "layer4", "fc", "conv1", "bn1")
+
+
+def runner(tmp_path, method="ke", generations=2, epochs=1, **split):
+    cfg = C.RunConfig(
+        data=C.DataConfig(dataset="digits", image_size=16, batch_size=16, digits_per_class=4,
+                          recal_images=32),
+        model=C.ModelConfig(arch="resnet18", width_multiplier=1 / 16),
+        split=C.SplitConfig(**{"split_rate": 0.5, **split}),
+        train=C.TrainConfig(generations=generations, epochs=epochs, warmup_epochs=0),
+        run_dir=str(tmp_path), method=method, export=False)
+    return GenerationRunner(cfg, verbose=False)
+
+
+def snapshot(net):
+    return {v.path: v.numpy().copy() for v in net.weights}
+
+
+def test_llf_resets_every_kernel_from_layer4_on(tmp_path):
+    r = runner(tmp_path, method="llf", reset_from="layer4")
+    before = snapshot(r.network)
+    r.reinitialize(1)
+    after = snapshot(r.network)
+    for path, value in before.items():
+        layer = path.split("/")[0]
+        reset = (layer.startswith("layer4") or layer == "fc") and path.endswith("kernel")
+        if reset:
+            assert (after[path] != value).all(), path
+        else:  # earlier layers, every BatchNorm (layer4's too) and the classifier bias
+            np.testing.assert_array_equal(after[path], value, err_msg=path)
+    assert not r.masks["fc/kernel"].any() and r.masks["fc/bias"].all()
+    assert r.masks["layer3_1_conv2/kernel"].all()
+
+
+def test_llf_with_an_unknown_block_names_the_flag(tmp_path):
+    with pytest.raises(C.ConfigError, match="--reset_from"):
+        runner(tmp_path, method="llf", reset_from="block9")
+
+
+def test_evolve_mode_zero_sets_the_reset_hypothesis_to_zero(tmp_path):
+    r = runner(tmp_path, evolve_mode="zero")
+    before = snapshot(r.network)
+    r.reinitialize(1)
+    after = snapshot(r.network)
+    for path, m in r.masks.items():
+        np.testing.assert_array_equal(after[path][m], before[path][m])
+        assert not after[path][~m].any(), path
+
+
+def test_fix_reset_seed_draws_the_same_values_every_generation(tmp_path):
+    fixed, fresh = runner(tmp_path / "a", fix_reset_seed=True), runner(tmp_path / "b")
+    draws = {"fixed": [], "fresh": []}
+    for name, r in (("fixed", fixed), ("fresh", fresh)):
+        for g in (1, 2):
+            r.reinitialize(g)
+            w, m = r.network.get_layer("layer2_0_conv1").kernel.numpy(), r.masks["layer2_0_conv1/kernel"]
+            draws[name].append(w[~m])
+    np.testing.assert_array_equal(*draws["fixed"])
+    assert not np.array_equal(*draws["fresh"])
+
+
+def test_long_is_one_generation_of_all_the_epochs(tmp_path):
+    r = runner(tmp_path, method="long", generations=3, epochs=2)
+    assert methods.schedule(r.config) == (1, 6)
+    rows = r.run()
+    assert {row["generation"] for row in rows} == {1} and {row["method"] for row in rows} == {"long"}
+    assert r.model.optimizer.iterations.numpy() == 6 * 3  # 6 epochs of 3 batches (40 images / 16)
+
+
+def test_slim_scratch_trains_the_slim_architecture(tmp_path):
+    r = runner(tmp_path, method="slim_scratch", generations=2, epochs=1)
+    dense = networks.build("resnet18", 10, 16, width_multiplier=1 / 16)
+    from ke_tf import masks
+
+    expected = slim.architecture(dense, masks.compute(dense, "kels", 0.5))
+    assert [w.shape for w in r.network.weights] == [w.shape for w in expected.weights]
+    rows = r.run()
+    assert [(row["generation"], row["net"]) for row in rows] == [(1, "slim")]
+    assert rows[0]["params"] == sum(int(np.prod(w.shape)) for w in expected.trainable_weights)
+
+
+def test_method_flags_validate():
+    with pytest.raises(C.ConfigError, match="--method"):
+        C.RunConfig(method="bans").validate()
+    with pytest.raises(C.ConfigError, match="--split_mode"):
+        C.RunConfig(method="slim_scratch", split=C.SplitConfig(split_mode="wels")).validate()
+    with pytest.raises(C.ConfigError, match="--evolve_mode"):
+        C.SplitConfig(evolve_mode="orthogonal").validate()
