@@ -99,7 +99,7 @@ class ModelConfig:
 SPLIT_MODES = ("kels", "wels")
 RESET_INITS = ("layer", "torch_default")
 EVOLVE_MODES = ("rand", "zero")
-METHODS = ("ke", "llf", "long", "slim_scratch")
+METHODS = ("ke", "llf", "long", "slim_scratch", "dsd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +154,7 @@ class TrainConfig:
     regularizer: str = "smooth"
     label_smoothing: float = 0.1
     triplet_margin: float = 0.2
+    dsd_sparsity: float = 0.3
     slim_bn_recalibration: bool = True
 
     def validate(self) -> "TrainConfig":
@@ -171,6 +172,7 @@ class TrainConfig:
         _require(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)",
                  self.label_smoothing)
         _require(self.triplet_margin > 0, "triplet_margin", "must be > 0", self.triplet_margin)
+        _require(0 < self.dsd_sparsity < 1, "dsd_sparsity", "must be in (0, 1)", self.dsd_sparsity)
         if self.regularizer == "smooth":
             _require(self.label_smoothing > 0, "label_smoothing",
                      "must be > 0 with --regularizer=smooth", self.label_smoothing)

@@ -74,6 +74,8 @@ class GenerationRunner:
             self.masks = {}
         elif config.method == "llf":
             self.network, self.masks = dense, methods.llf_masks(dense, s.reset_from)
+        elif config.method == "dsd":  # pruned and freed, never randomly re-initialized
+            self.network, self.masks = dense, {}
         else:
             self.network = dense
             self.masks = masks_lib.compute(dense, s.split_mode, s.split_rate, seed=config.seed)
@@ -86,7 +88,9 @@ class GenerationRunner:
                 self.nets["slim_recal"] = slim.architecture(self.network, self.masks)
         self.costs = {name: cost.total(net) for name, net in self.nets.items()}
         t = config.train
-        self.model = model_lib.KEModel(self.network, weight_decay=t.weight_decay)
+        held = list(methods.dsd_keep(dense, t.dsd_sparsity)) if config.method == "dsd" else ()
+        self.model = model_lib.KEModel(self.network, weight_decay=t.weight_decay,
+                                       held_at_zero=held)
         self.model.compile(
             optimizer=keras.optimizers.SGD(learning_rate=t.lr, momentum=t.momentum),
             loss=self.task.make_loss(config), metrics=self.task.make_metrics(info.num_classes))
@@ -179,6 +183,11 @@ class GenerationRunner:
     def reinitialize(self, generation: int) -> None:
         """Between generation g and g+1: Eq. 1 on the reset hypothesis (its variants by flag)."""
         cfg, s = self.config, self.config.split
+        if cfg.method == "dsd":  # the next generation is sparse if even, dense (freed) if odd
+            sparse = (generation + 1) % 2 == 0
+            self.model.hold_at_zero(
+                methods.dsd_keep(self.network, cfg.train.dsd_sparsity) if sparse else None)
+            return
         if s.wels_rand:  # appendix D(1): a new random mask every generation
             self.masks = masks_lib.compute(self.network, "wels", s.split_rate,
                                            seed=(cfg.seed, generation + 1))

@@ -55,10 +55,14 @@ flags.DEFINE_float("split_rate", 0.8, "Split rate s in (0, 1]: share of filters 
                    "weights (WELS) in the fit hypothesis.")
 flags.DEFINE_boolean("wels_rand", False, "With --split_mode=wels: draw a new random mask before "
                      "every generation (WELS-Rand, appendix D(1)).")
-flags.DEFINE_enum("method", "ke", C.METHODS, "ke: Knowledge Evolution; llf: later-layer "
+flags.DEFINE_enum("method", "ke", C.METHODS, "ke: Knowledge Evolution; dsd: KE+DSD (even "
+                  "generations prune and hold --dsd_sparsity of every kernel at zero); llf: "
+                  "later-layer "
                   "forgetting (reset every kernel from --reset_from on); long: one generation of "
                   "generations*epochs epochs; slim_scratch: the slim KELS architecture trained "
                   "from scratch for generations*epochs epochs.")
+flags.DEFINE_float("dsd_sparsity", 0.3, "--method=dsd: share of every kernel's smallest weights "
+                   "pruned and held at zero in the even (sparse) generations.")
 flags.DEFINE_string("reset_from", "layer4", "--method=llf: name prefix of the first layer reset.")
 flags.DEFINE_enum("evolve_mode", "rand", C.EVOLVE_MODES, "rand: re-draw the reset hypothesis; "
                   "zero: set it to zero (an ablation the paper warns against).")
@@ -138,7 +142,7 @@ def config_from_flags(values: dict) -> C.RunConfig:
                           warmup_epochs=v["warmup_epochs"], momentum=v["momentum"],
                           weight_decay=v["weight_decay"], regularizer=v["regularizer"],
                           label_smoothing=v["label_smoothing"],
-                          triplet_margin=v["triplet_margin"],
+                          triplet_margin=v["triplet_margin"], dsd_sparsity=v["dsd_sparsity"],
                           slim_bn_recalibration=v["slim_bn_recalibration"])
     return C.RunConfig(data=data, model=model, split=split, train=train, seed=v["seed"],
                        run_dir=v["run_dir"], export=v["export"],

@@ -10,6 +10,11 @@
   g-generation method.
 - "slim_scratch": the slim KELS architecture (`ke_tf.slim.architecture` of a fresh dense
   network) trained from scratch for g*e epochs: does KE's slim network beat it?
+- "dsd": KE+DSD (appendix C.1, Algorithm 2 of Han et al. turned into generations): odd
+  generations train dense; before each even generation the `dsd_sparsity` (30%) smallest-
+  magnitude weights of every kernel, taken from the previous generation's trained weights, are
+  set to zero and held at zero after every optimizer step; the next (dense) generation frees
+  them, starting from zero. Nothing is re-initialized randomly.
 """
 from __future__ import annotations
 
@@ -48,3 +53,17 @@ def llf_masks(model: keras.Model, reset_from: str) -> masks_lib.Masks:
             keep = not later or (role == "bias" and layer.name in outputs)
             masks[var.path] = np.full(tuple(var.shape), keep, bool)
     return masks
+
+
+def dsd_keep(model: keras.Model, sparsity: float) -> masks_lib.Masks:
+    """Per kernel, False for its round(sparsity * n) smallest-magnitude entries (DSD's prune)."""
+    keep = {}
+    for _, roles in masks_lib.masked_layers(model):
+        for var, role in roles:
+            if role == "bias":
+                continue
+            w = np.abs(var.numpy()).ravel()
+            mask = np.ones(w.size, bool)
+            mask[np.argsort(w, kind="stable")[:int(round(sparsity * w.size))]] = False
+            keep[var.path] = mask.reshape(tuple(var.shape))
+    return keep

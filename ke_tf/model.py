@@ -13,8 +13,10 @@ the official code: linear warm-up lr*(e+1)/w for the first w epochs, then cosine
 from __future__ import annotations
 
 import math
+from typing import Dict, Optional, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 
@@ -65,14 +67,29 @@ class KEModel(keras.Model):
       network: the dense functional network N (its variables keep their paths, e.g.
         "conv1/kernel", so masks computed on it apply unchanged).
       weight_decay: PyTorch-style L2 coefficient added to the gradients.
+      held_at_zero: paths of variables that `hold_at_zero` may pin to zero after every optimizer
+        step (DSD's sparse phases); their 0/1 multipliers are variables of the compiled step,
+        so changing them needs no re-tracing. Empty (the default) costs nothing.
     """
 
-    def __init__(self, network: keras.Model, weight_decay: float = 1e-4, **kwargs):
+    def __init__(self, network: keras.Model, weight_decay: float = 1e-4,
+                 held_at_zero: Sequence[str] = (), **kwargs):
         super().__init__(name=kwargs.pop("name", "ke_model"), **kwargs)
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0. Received: weight_decay={weight_decay!r}")
         self.network = network
         self.weight_decay = weight_decay
+        by_path = {v.path: v for v in network.trainable_variables}
+        self._multipliers = [(by_path[p], tf.Variable(tf.ones(by_path[p].shape, by_path[p].dtype),
+                                                      trainable=False)) for p in held_at_zero]
+
+    def hold_at_zero(self, keep: Optional[Dict[str, np.ndarray]]) -> None:
+        """From now on, after every step, zero the entries of each variable where `keep` is
+        False (and zero them now); `keep=None` frees every entry again."""
+        for var, multiplier in self._multipliers:
+            m = np.ones(var.shape, bool) if keep is None else keep[var.path]
+            multiplier.assign(m.astype(multiplier.dtype.as_numpy_dtype))
+            var.assign(var * multiplier)
 
     def call(self, inputs, training=False):
         return self.network(inputs, training=training)
@@ -88,6 +105,8 @@ class KEModel(keras.Model):
             grads = [g + tf.cast(self.weight_decay, g.dtype) * tf.cast(v, g.dtype)
                      for g, v in zip(grads, variables)]
         self.optimizer.apply(grads, variables)
+        for var, multiplier in self._multipliers:
+            var.assign(var * multiplier)
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(loss)

@@ -94,3 +94,35 @@ def test_method_flags_validate():
         C.RunConfig(method="slim_scratch", split=C.SplitConfig(split_mode="wels")).validate()
     with pytest.raises(C.ConfigError, match="--evolve_mode"):
         C.SplitConfig(evolve_mode="orthogonal").validate()
+
+
+def test_dsd_prunes_holds_at_zero_and_frees(tmp_path):
+    from ke_tf.monitor import Monitor
+
+    r = runner(tmp_path, method="dsd", generations=3)
+    monitor = Monitor(str(tmp_path / "tb"), {}, verbose=False)
+    r.train_generation(1, monitor)
+    trained = snapshot(r.network)
+    keep = methods.dsd_keep(r.network, 0.3)
+    for path, k in keep.items():  # exactly the 30% smallest |w| of every kernel
+        w = np.abs(trained[path])
+        assert (~k).sum() == int(round(0.3 * w.size))
+        assert w[~k].max() <= w[k].min()
+    r.reinitialize(1)  # generation 2 is sparse
+    pruned = snapshot(r.network)
+    for path, value in trained.items():
+        if path in keep:
+            assert not pruned[path][~keep[path]].any()
+            np.testing.assert_array_equal(pruned[path][keep[path]], value[keep[path]])
+        else:  # BatchNorm and biases are untouched
+            np.testing.assert_array_equal(pruned[path], value, err_msg=path)
+    r.train_generation(2, monitor)
+    after_sparse = snapshot(r.network)
+    for path, k in keep.items():  # held at zero after every optimizer step
+        assert not after_sparse[path][~k].any(), path
+        assert (after_sparse[path][k] != pruned[path][k]).any(), path
+    r.reinitialize(2)  # generation 3 is dense again: the pruned weights are freed, from zero
+    r.train_generation(3, monitor)
+    freed = snapshot(r.network)
+    assert all(freed[path][~k].any() for path, k in keep.items())
+    monitor.close()
