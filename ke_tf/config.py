@@ -99,7 +99,8 @@ class ModelConfig:
 SPLIT_MODES = ("kels", "wels")
 RESET_INITS = ("layer", "torch_default")
 EVOLVE_MODES = ("rand", "zero")
-METHODS = ("ke", "llf", "long", "slim_scratch", "dsd")
+METHODS = ("ke", "llf", "long", "slim_scratch", "dsd", "dnr")
+DNR_THRESHOLDS = ("global", "layer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +156,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     triplet_margin: float = 0.2
     dsd_sparsity: float = 0.3
+    dnr_data_fraction: float = 0.2
+    dnr_threshold: str = "global"
     slim_bn_recalibration: bool = True
 
     def validate(self) -> "TrainConfig":
@@ -173,6 +176,10 @@ class TrainConfig:
                  self.label_smoothing)
         _require(self.triplet_margin > 0, "triplet_margin", "must be > 0", self.triplet_margin)
         _require(0 < self.dsd_sparsity < 1, "dsd_sparsity", "must be in (0, 1)", self.dsd_sparsity)
+        _require(0 < self.dnr_data_fraction <= 1, "dnr_data_fraction", "must be in (0, 1]",
+                 self.dnr_data_fraction)
+        _require(self.dnr_threshold in DNR_THRESHOLDS, "dnr_threshold",
+                 f"must be one of {', '.join(DNR_THRESHOLDS)}", self.dnr_threshold)
         if self.regularizer == "smooth":
             _require(self.label_smoothing > 0, "label_smoothing",
                      "must be > 0 with --regularizer=smooth", self.label_smoothing)
@@ -202,6 +209,10 @@ class RunConfig:
         _require(self.seed >= 0, "seed", "must be >= 0", self.seed)
         _require(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}",
                  self.method)
+        if self.method == "dnr":
+            _require(self.data.task == "classification", "method",
+                     "dnr scores weights with cross entropy: it needs --task=classification",
+                     self.method)
         if self.method == "slim_scratch":
             _require(self.split.split_mode == "kels", "split_mode",
                      "must be kels with --method=slim_scratch (the slim network is KELS's)",

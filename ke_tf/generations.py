@@ -74,7 +74,7 @@ class GenerationRunner:
             self.masks = {}
         elif config.method == "llf":
             self.network, self.masks = dense, methods.llf_masks(dense, s.reset_from)
-        elif config.method == "dsd":  # pruned and freed, never randomly re-initialized
+        elif config.method in ("dsd", "dnr"):  # DSD never re-draws; DNR's masks come from data
             self.network, self.masks = dense, {}
         else:
             self.network = dense
@@ -191,6 +191,12 @@ class GenerationRunner:
         if s.wels_rand:  # appendix D(1): a new random mask every generation
             self.masks = masks_lib.compute(self.network, "wels", s.split_rate,
                                            seed=(cfg.seed, generation + 1))
+            masks_lib.save(os.path.join(cfg.run_dir, "masks.npz"), self.masks)
+        if cfg.method == "dnr":  # data-aware: scored on this generation's trained weights
+            t, info = cfg.train, self.data.info
+            n = methods.dnr_batches(info.num_train, cfg.data.batch_size, t.dnr_data_fraction)
+            self.masks = methods.dnr_masks(self.network, self.data.train_plain, n, s.split_rate,
+                                           per_layer=t.dnr_threshold == "layer")
             masks_lib.save(os.path.join(cfg.run_dir, "masks.npz"), self.masks)
         if s.evolve_mode == "zero":
             reinit.apply(self.network, self.masks, reinit.zero_values(self.network, self.masks))

@@ -58,11 +58,16 @@ flags.DEFINE_boolean("wels_rand", False, "With --split_mode=wels: draw a new ran
 flags.DEFINE_enum("method", "ke", C.METHODS, "ke: Knowledge Evolution; dsd: KE+DSD (even "
                   "generations prune and hold --dsd_sparsity of every kernel at zero); llf: "
                   "later-layer "
-                  "forgetting (reset every kernel from --reset_from on); long: one generation of "
+                  "forgetting (reset every kernel from --reset_from on); dnr: dynamic neural "
+                  "regeneration (data-aware masks each generation); long: one generation of "
                   "generations*epochs epochs; slim_scratch: the slim KELS architecture trained "
                   "from scratch for generations*epochs epochs.")
 flags.DEFINE_float("dsd_sparsity", 0.3, "--method=dsd: share of every kernel's smallest weights "
                    "pruned and held at zero in the even (sparse) generations.")
+flags.DEFINE_float("dnr_data_fraction", 0.2, "--method=dnr: share of the training images whose "
+                   "gradients score the weights.")
+flags.DEFINE_enum("dnr_threshold", "global", C.DNR_THRESHOLDS, "--method=dnr: keep the top "
+                  "--split_rate of weights over the whole network (DNR) or per layer.")
 flags.DEFINE_string("reset_from", "layer4", "--method=llf: name prefix of the first layer reset.")
 flags.DEFINE_enum("evolve_mode", "rand", C.EVOLVE_MODES, "rand: re-draw the reset hypothesis; "
                   "zero: set it to zero (an ablation the paper warns against).")
@@ -143,6 +148,8 @@ def config_from_flags(values: dict) -> C.RunConfig:
                           weight_decay=v["weight_decay"], regularizer=v["regularizer"],
                           label_smoothing=v["label_smoothing"],
                           triplet_margin=v["triplet_margin"], dsd_sparsity=v["dsd_sparsity"],
+                          dnr_data_fraction=v["dnr_data_fraction"],
+                          dnr_threshold=v["dnr_threshold"],
                           slim_bn_recalibration=v["slim_bn_recalibration"])
     return C.RunConfig(data=data, model=model, split=split, train=train, seed=v["seed"],
                        run_dir=v["run_dir"], export=v["export"],

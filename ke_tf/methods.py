@@ -15,15 +15,22 @@
   magnitude weights of every kernel, taken from the previous generation's trained weights, are
   set to zero and held at zero after every optimizer step; the next (dense) generation frees
   them, starting from zero. Nothing is re-initialized randomly.
+- "dnr": dynamic neural regeneration (Ramkumar et al., NeurIPS 2024): after every generation a
+  data-aware mask keeps the share s of conv/dense kernel weights with the largest connection
+  sensitivity |w * sum over batches of |dL/dw|| (plain cross entropy on a fraction of the
+  training images, no augmentation), with one global threshold as in DNR or one per layer; the
+  rest is re-initialized. BatchNorm and biases are never reset.
 """
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from ke_tf import graph
+from ke_tf import graph, losses
 from ke_tf import masks as masks_lib
 from ke_tf.config import ConfigError, RunConfig
 
@@ -67,3 +74,46 @@ def dsd_keep(model: keras.Model, sparsity: float) -> masks_lib.Masks:
             mask[np.argsort(w, kind="stable")[:int(round(sparsity * w.size))]] = False
             keep[var.path] = mask.reshape(tuple(var.shape))
     return keep
+
+
+def connection_sensitivity(model: keras.Model, batches, num_batches: int) -> masks_lib.Masks:
+    """|w * sum over `num_batches` batches of |dL/dw|| for every masked kernel (DNR's score).
+
+    L is plain cross entropy of the model in inference mode (BatchNorm statistics untouched)."""
+    kernels = [var for _, roles in masks_lib.masked_layers(model)
+               for var, role in roles if role != "bias"]
+    sums = [np.zeros(tuple(v.shape), np.float64) for v in kernels]
+    for x, y in batches.take(num_batches):
+        with tf.GradientTape() as tape:
+            loss = losses.sparse_cross_entropy(y, model(x, training=False))
+        for acc, g in zip(sums, tape.gradient(loss, kernels)):
+            acc += np.abs(g.numpy())
+    return {v.path: np.abs(v.numpy()) * acc for v, acc in zip(kernels, sums)}
+
+
+def dnr_masks(model: keras.Model, batches, num_batches: int, keep: float,
+              per_layer: bool = False) -> masks_lib.Masks:
+    """Keep (True) the share `keep` of kernel weights with the highest connection sensitivity,
+    over all kernels at once (DNR) or per kernel; biases are always kept."""
+    scores = connection_sensitivity(model, batches, num_batches)
+
+    def top(values: np.ndarray, share: float) -> float:
+        k = max(1, int(round(share * values.size)))
+        return np.partition(values, values.size - k)[values.size - k]
+
+    everything = np.concatenate([s.ravel() for s in scores.values()])
+    threshold = None if per_layer else top(everything, keep)
+    masks: masks_lib.Masks = {}
+    for _, roles in masks_lib.masked_layers(model):
+        for var, role in roles:
+            if role == "bias":
+                masks[var.path] = np.ones(tuple(var.shape), bool)
+            else:
+                s = scores[var.path]
+                masks[var.path] = s >= (top(s.ravel(), keep) if per_layer else threshold)
+    return masks
+
+
+def dnr_batches(num_train: int, batch_size: int, fraction: float) -> int:
+    """Batches that hold `fraction` of the training images (at least one)."""
+    return max(1, math.ceil(fraction * num_train / batch_size))

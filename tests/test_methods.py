@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ke_tf import config as C
-from ke_tf import methods, networks, slim
+from ke_tf import masks, methods, networks, slim
 from ke_tf.generations import GenerationRunner
 
 RESNET_PREFIXES = ("layer1", "layer2", "layer3", "layer4", "fc", "conv1", "bn1")
@@ -78,7 +78,6 @@ def test_long_is_one_generation_of_all_the_epochs(tmp_path):
 def test_slim_scratch_trains_the_slim_architecture(tmp_path):
     r = runner(tmp_path, method="slim_scratch", generations=2, epochs=1)
     dense = networks.build("resnet18", 10, 16, width_multiplier=1 / 16)
-    from ke_tf import masks
 
     expected = slim.architecture(dense, masks.compute(dense, "kels", 0.5))
     assert [w.shape for w in r.network.weights] == [w.shape for w in expected.weights]
@@ -126,3 +125,55 @@ def test_dsd_prunes_holds_at_zero_and_frees(tmp_path):
     freed = snapshot(r.network)
     assert all(freed[path][~k].any() for path, k in keep.items())
     monitor.close()
+
+
+def test_dnr_scores_connection_sensitivity_and_keeps_the_top_share(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from ke_tf import losses
+
+    rng = np.random.default_rng(0)
+    i = keras.Input((4, 4, 3))
+    x = keras.layers.Conv2D(6, 3, name="conv")(i)
+    model = keras.Model(i, keras.layers.Dense(3, name="fc")(keras.layers.Flatten()(x)))
+    data = tf.data.Dataset.from_tensor_slices(
+        (rng.normal(size=(12, 4, 4, 3)).astype("float32"), np.arange(12) % 3)).batch(4)
+    scores = methods.connection_sensitivity(model, data, num_batches=2)
+    grads = [np.zeros(model.get_layer(n).kernel.shape) for n in ("conv", "fc")]
+    for x_b, y_b in data.take(2):  # by hand: |w * sum_b |dL/dw||
+        with tf.GradientTape() as tape:
+            loss = losses.sparse_cross_entropy(y_b, model(x_b))
+        for acc, g in zip(grads, tape.gradient(loss, [model.get_layer("conv").kernel,
+                                                      model.get_layer("fc").kernel])):
+            acc += np.abs(g.numpy())
+    np.testing.assert_allclose(scores["conv/kernel"],
+                               np.abs(model.get_layer("conv").kernel.numpy()) * grads[0], rtol=1e-5)
+    glob = methods.dnr_masks(model, data, 2, keep=0.4)
+    kept = np.concatenate([glob[k].ravel() for k in scores])
+    all_scores = np.concatenate([scores[k].ravel() for k in scores])
+    assert kept.sum() == round(0.4 * kept.size)  # one global threshold (no ties here)
+    assert all_scores[kept].min() >= all_scores[~kept].max()
+    assert glob["conv/bias"].all() and glob["fc/bias"].all()
+    per_layer = methods.dnr_masks(model, data, 2, keep=0.4, per_layer=True)
+    for k in scores:
+        assert per_layer[k].sum() == round(0.4 * per_layer[k].size)
+
+
+def test_dnr_runner_recomputes_the_mask_and_resets_the_rest(tmp_path):
+    r = runner(tmp_path, method="dnr")
+    assert r.masks == {}
+    before = snapshot(r.network)
+    r.reinitialize(1)
+    after = snapshot(r.network)
+    saved = masks.load(str(tmp_path / "masks.npz"))
+    assert saved.keys() == r.masks.keys()
+    kernels = np.concatenate([r.masks[k].ravel() for k in r.masks if k.endswith("kernel")])
+    assert abs(kernels.mean() - 0.5) < 0.01  # --split_rate of the kernel weights kept
+    for path, value in before.items():
+        m = r.masks.get(path)
+        if m is None or path.endswith("bias"):  # BatchNorm and biases are never reset
+            np.testing.assert_array_equal(after[path], value, err_msg=path)
+        else:
+            np.testing.assert_array_equal(after[path][m], value[m])
+            assert (after[path][~m] != value[~m]).all()
