@@ -51,6 +51,7 @@ class DataConfig:
     digits_per_class: int = 10
     recal_images: int = 512
     seed: int = 0
+    class_pairs: bool = False  # CS-KD batches: b/2 anchors, then a partner of each one's class
 
     def validate(self) -> "DataConfig":
         ds = self.dataset
@@ -136,7 +137,7 @@ class SplitConfig:
         return self
 
 
-REGULARIZERS = ("none", "smooth")
+REGULARIZERS = ("none", "smooth", "cskd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +156,8 @@ class TrainConfig:
     regularizer: str = "smooth"
     label_smoothing: float = 0.1
     triplet_margin: float = 0.2
+    cskd_temperature: float = 4.0
+    cskd_lambda: float = 3.0
     dsd_sparsity: float = 0.3
     dnr_data_fraction: float = 0.2
     dnr_threshold: str = "global"
@@ -176,6 +179,9 @@ class TrainConfig:
                  self.label_smoothing)
         _require(self.triplet_margin > 0, "triplet_margin", "must be > 0", self.triplet_margin)
         _require(0 < self.dsd_sparsity < 1, "dsd_sparsity", "must be in (0, 1)", self.dsd_sparsity)
+        _require(self.cskd_temperature > 0, "cskd_temperature", "must be > 0",
+                 self.cskd_temperature)
+        _require(self.cskd_lambda >= 0, "cskd_lambda", "must be >= 0", self.cskd_lambda)
         _require(0 < self.dnr_data_fraction <= 1, "dnr_data_fraction", "must be in (0, 1]",
                  self.dnr_data_fraction)
         _require(self.dnr_threshold in DNR_THRESHOLDS, "dnr_threshold",
@@ -201,14 +207,24 @@ class RunConfig:
     method: str = "ke"
 
     def __post_init__(self):
-        # One run seed: it also seeds the data pipeline's shuffling and augmentation.
-        object.__setattr__(self, "data", dataclasses.replace(self.data, seed=self.seed))
+        # One run seed: it also seeds the data pipeline's shuffling and augmentation; CS-KD
+        # needs its batches of class pairs.
+        object.__setattr__(self, "data", dataclasses.replace(
+            self.data, seed=self.seed, class_pairs=self.train.regularizer == "cskd"))
 
     def validate(self) -> "RunConfig":
         self.data.validate(), self.model.validate(), self.split.validate(), self.train.validate()
         _require(self.seed >= 0, "seed", "must be >= 0", self.seed)
         _require(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}",
                  self.method)
+        _require(not self.split.wels_rand or self.method == "ke", "wels_rand",
+                 f"only applies to --method=ke (got --method={self.method})", self.split.wels_rand)
+        if self.train.regularizer == "cskd":
+            _require(self.data.task == "classification", "regularizer",
+                     "cskd needs --task=classification", self.train.regularizer)
+            _require(self.data.batch_size % 2 == 0 and self.data.batch_size >= 2, "batch_size",
+                     "must be even with --regularizer=cskd (anchors + partners)",
+                     self.data.batch_size)
         if self.method == "dnr":
             _require(self.data.task == "classification", "method",
                      "dnr scores weights with cross entropy: it needs --task=classification",

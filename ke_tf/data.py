@@ -272,6 +272,11 @@ def _folder(cfg: DataConfig):
                             f"optionally {root}/val/<class>/<image>")
     classes = _class_dirs(os.path.join(root, "train"))
     if cfg.task == "metric":
+        shared = sorted(set(classes) & set(_class_dirs(os.path.join(root, "test"))))
+        if shared:  # the protocol evaluates on classes never seen in training
+            raise DataError(f"{flag} with --task=metric: {root}/train and {root}/test share "
+                            f"classes ({', '.join(shared[:5])}); metric learning needs "
+                            f"class-disjoint train and test classes")
         pools = {}
         for split in ("train", "test"):
             names = _class_dirs(os.path.join(root, split))
@@ -422,13 +427,22 @@ def load(cfg: DataConfig) -> Data:
         lambda xy, seed: (train_transform(xy[0], seed, size, src.augment), xy[1]),
         num_parallel_calls=AUTOTUNE)
     names = src.class_names
+    if cfg.class_pairs:  # CS-KD: b/2 anchors of distinct classes, then a partner of each's class
+        ds, n = src.splits["train"]
+        raw, labels = ds.batch(n).get_single_element()
+        pool = _Pool(raw, labels.numpy(), names)
+        pairs, _, _, _ = _pk_stream(cfg, src, pool, cfg.batch_size // 2, 2,
+                                    ("--batch_size (half of it)", "--regularizer=cskd"))
+        train = pairs.map(anchors_then_partners)
+    else:
+        train = train.batch(batch)
     info = DatasetInfo(
         name=cfg.dataset, num_classes=len(names), class_names=names,
         image_size=size, num_train=counts["train"], num_test=counts["test"],
         num_val=counts.get("val", 0), has_val="val" in counts,
         num_test_classes=len(names), test_class_names=names)
     return Data(info=info,
-                train=train.batch(batch).prefetch(AUTOTUNE),
+                train=train.prefetch(AUTOTUNE),
                 train_plain=_evaluation(decoded["train"], cfg),
                 val=_evaluation(decoded["val"], cfg) if "val" in decoded else None,
                 test=_evaluation(decoded["test"], cfg))
@@ -445,41 +459,36 @@ def _evaluation(ds: tf.data.Dataset, cfg: DataConfig) -> tf.data.Dataset:
     return ds.batch(cfg.batch_size).prefetch(AUTOTUNE)
 
 
-def _metric(cfg: DataConfig, src: _Source) -> Data:
-    """P x K training batches from per-class streams; train_plain and test as for classification.
-
-    Training classes without any image (only in mocked or hand-made data) are never drawn."""
-    train, test = src.splits["train"], src.splits["test"]
-    p, k = cfg.p_classes, cfg.k_images
-    counts = np.bincount(train.labels, minlength=len(train.class_names))
+def _pk_stream(cfg: DataConfig, src: _Source, pool: _Pool, p: int, k: int, flags: tuple):
+    """Batches of P distinct classes (uniform, without replacement) x K images, grouped by class
+    (c1 x K, c2 x K, ...), each class's images in a new shuffled order every pass; the same for
+    the same seed. Returns (train batches, per-class datasets, drawn classes, decode function).
+    `flags` name the flags of P and K in errors. Classes without images are never drawn."""
+    counts = np.bincount(pool.labels, minlength=len(pool.class_names))
     drawn = np.flatnonzero(counts)
     if len(drawn) < p:
-        raise DataError(f"--p_classes={p} exceeds the {len(drawn)} training classes (with images) "
-                        f"of --dataset={cfg.dataset}")
+        raise DataError(f"{flags[0]} asks for {p} classes per batch, more than the {len(drawn)} "
+                        f"training classes (with images) of --dataset={cfg.dataset}")
     for c in drawn:
         if counts[c] < k:
-            raise DataError(f"--k_images={k}: training class {train.class_names[c]!r} of "
-                            f"--dataset={cfg.dataset} has only {counts[c]} images")
-
-    n_train, n_test = len(train.labels), len(test.labels)
+            raise DataError(f"{flags[1]} asks for {k} images per class: training class "
+                            f"{pool.class_names[c]!r} of --dataset={cfg.dataset} has only "
+                            f"{counts[c]} images")
+    n_train = len(pool.labels)
     image_bytes = src.side * src.side * 3  # a square image; wider ones take more
-    cache_train = n_train * image_bytes <= CACHE_BYTES
-    cache_test = n_test * image_bytes <= CACHE_BYTES - cache_train * n_train * image_bytes
-
+    cached = n_train * image_bytes <= CACHE_BYTES
     # One dataset of (image, label) per drawn class: decoded once into a cache when the training
     # images fit (then shared by train and train_plain), else raw and decoded at every use.
     classes = [tf.data.Dataset.from_tensor_slices(
-        (tf.gather(train.raw, np.flatnonzero(train.labels == c)), train.labels[train.labels == c]))
+        (tf.gather(pool.raw, np.flatnonzero(pool.labels == c)), pool.labels[pool.labels == c]))
         for c in drawn]
-    if cache_train:
+    if cached:
         classes = [ds.map(lambda raw, y: (src.decode(raw), y), num_parallel_calls=AUTOTUNE).cache()
                    for ds in classes]
 
     def decoded(x, y):
-        return (x if cache_train else src.decode(x)), y
+        return (x if cached else src.decode(x)), y
 
-    # train: batch after batch, P distinct classes (uniform, without replacement) x K images, each
-    # class's images in a new shuffled order every pass; the same for the same seed.
     def pick(seed):
         seed = tf.random.experimental.stateless_fold_in(seed, 1)  # not the augmentation seeds
         order = tf.argsort(tf.random.stateless_uniform([len(drawn)], seed))
@@ -497,9 +506,28 @@ def _metric(cfg: DataConfig, src: _Source) -> Data:
         lambda xy, seed: (train_transform(decoded(*xy)[0], seed, size, augment), xy[1]),
         num_parallel_calls=AUTOTUNE).batch(p * k).apply(
         tf.data.experimental.assert_cardinality(steps))
+    return train_ds, classes, drawn, decoded
+
+
+def anchors_then_partners(images: tf.Tensor, labels: tf.Tensor):
+    """(c1a, c1b, c2a, c2b, ...) -> (c1a, c2a, ..., c1b, c2b, ...): the first half of the batch are
+    the anchors, the second half their partners of the same class (CS-KD)."""
+    n = tf.shape(labels)[0]
+    order = tf.concat([tf.range(0, n, 2), tf.range(1, n, 2)], axis=0)
+    return tf.gather(images, order), tf.gather(labels, order)
+
+
+def _metric(cfg: DataConfig, src: _Source) -> Data:
+    """P x K training batches from per-class streams; train_plain and test as for classification."""
+    train, test = src.splits["train"], src.splits["test"]
+    train_ds, classes, drawn, decoded = _pk_stream(cfg, src, train, cfg.p_classes, cfg.k_images,
+                                                   ("--p_classes", "--k_images"))
+    n_train, n_test = len(train.labels), len(test.labels)
+    image_bytes = src.side * src.side * 3
+    cache_test = (n_train + n_test) * image_bytes <= CACHE_BYTES
 
     # train_plain: the pool's own order, the k-th image of a class taken from its dataset's k-th.
-    index = np.zeros(len(counts), np.int64)
+    index = np.zeros(len(train.class_names), np.int64)
     index[drawn] = np.arange(len(drawn))
     plain = tf.data.Dataset.choose_from_datasets(
         classes, tf.data.Dataset.from_tensor_slices(index[train.labels]))
@@ -510,7 +538,7 @@ def _metric(cfg: DataConfig, src: _Source) -> Data:
         lambda raw, y: (src.decode(raw), y), num_parallel_calls=AUTOTUNE)
     info = DatasetInfo(
         name=cfg.dataset, num_classes=len(train.class_names), class_names=train.class_names,
-        image_size=size, num_train=n_train, num_test=n_test, num_val=0, has_val=False,
+        image_size=cfg.image_size, num_train=n_train, num_test=n_test, num_val=0, has_val=False,
         num_test_classes=len(test.class_names), test_class_names=test.class_names)
     return Data(info=info, train=train_ds.prefetch(AUTOTUNE), train_plain=_evaluation(plain, cfg),
                 val=None, test=_evaluation(test_ds.cache() if cache_test else test_ds, cfg))

@@ -89,7 +89,8 @@ class GenerationRunner:
         self.costs = {name: cost.total(net) for name, net in self.nets.items()}
         t = config.train
         held = list(methods.dsd_keep(dense, t.dsd_sparsity)) if config.method == "dsd" else ()
-        self.model = model_lib.KEModel(self.network, weight_decay=t.weight_decay,
+        cskd = (t.cskd_temperature, t.cskd_lambda) if t.regularizer == "cskd" else None
+        self.model = model_lib.KEModel(self.network, weight_decay=t.weight_decay, cskd=cskd,
                                        held_at_zero=held)
         self.model.compile(
             optimizer=keras.optimizers.SGD(learning_rate=t.lr, momentum=t.momentum),
@@ -125,9 +126,11 @@ class GenerationRunner:
             if name == "slim_recal":
                 slim.recalibrate_batchnorm(net, self.data.train_plain, self.config.data.recal_images)
             row = dict.fromkeys(self.columns, "")
-            row.update(generation=generation, net=name, method=self.config.method,
-                       split_mode=self.config.split.split_mode,
-                       split_rate=self.config.split.split_rate, **train)
+            s, method = self.config.split, self.config.method
+            row.update(generation=generation, net=name, method=method, **train)
+            if method in ("ke", "long", "slim_scratch", "dnr"):  # the methods that use them
+                row["split_rate"] = s.split_rate
+                row["split_mode"] = s.split_mode if method != "dnr" else "dnr"
             for split, (dataset, labels) in self.eval_splits.items():
                 outputs = net.predict(dataset, verbose=0)
                 row.update(self.task.evaluate(outputs, labels, split, self.config.seed))

@@ -203,3 +203,15 @@ class SparseCrossEntropy(keras.losses.Loss):
     def get_config(self):
         return {"name": self.name, "label_smoothing": self.label_smoothing}
 
+
+def class_wise_kd(anchor_logits, partner_logits, temperature: float = 4.0) -> tf.Tensor:
+    """CS-KD's class-wise self-distillation term (Yun et al., CVPR 2020), as the official KE code
+    computes it: T^2 * KL(softmax(partner/T) || softmax(anchor/T)), summed over classes and
+    averaged over anchors. The partners (same class as their anchor) are the constant targets:
+    their logits get no gradient."""
+    anchor = tf.cast(anchor_logits, tf.float32) / temperature
+    target = tf.nn.softmax(tf.stop_gradient(tf.cast(partner_logits, tf.float32)) / temperature)
+    kl = tf.math.xlogy(target, target) - target * tf.nn.log_softmax(anchor)
+    n = tf.cast(tf.shape(anchor)[0], tf.float32)
+    return tf.reduce_sum(kl) * temperature**2 / n
+

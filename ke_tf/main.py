@@ -88,8 +88,11 @@ flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
 flags.DEFINE_float("weight_decay", None, "PyTorch-style (coupled) L2 weight decay [default: "
                    "5e-4 digits, 1e-4 otherwise].")
 flags.DEFINE_enum("regularizer", None, C.REGULARIZERS, "none: cross entropy; smooth: label "
-                  "smoothing [default: smooth digits, none otherwise].")
+                  "smoothing; cskd: class-wise self-knowledge distillation (batches of anchors and "
+                  "same-class partners) [default: smooth digits, none otherwise].")
 flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing alpha with --regularizer=smooth.")
+flags.DEFINE_float("cskd_temperature", 4.0, "--regularizer=cskd: temperature T (paper: 4).")
+flags.DEFINE_float("cskd_lambda", 3.0, "--regularizer=cskd: weight lambda_cls (paper: 3).")
 flags.DEFINE_float("triplet_margin", 0.2, "--task=metric: margin m of the triplet loss (Eq. 3); "
                    "FaceNet's 0.2 for unit-length embeddings (the paper does not state it).")
 flags.DEFINE_boolean("slim_bn_recalibration", True, "Also evaluate (and export) the slim "
@@ -97,7 +100,8 @@ flags.DEFINE_boolean("slim_bn_recalibration", True, "Also evaluate (and export) 
 # --- run ---
 flags.DEFINE_integer("seed", 0, "Run seed: initial weights, masks, reset draws, data order.",
                      lower_bound=0)
-flags.DEFINE_string("run_dir", None, "Output directory [default: runs/<dataset>-<arch>-s<seed>].")
+flags.DEFINE_string("run_dir", None, "Output directory [default: runs/<dataset>[-metric]-<arch>-"
+                    "<method>-<regularizer>-s<seed>].")
 flags.DEFINE_boolean("overwrite", False, "Replace the run already in --run_dir.")
 flags.DEFINE_boolean("export", True, "Export the last generation's networks as SavedModels.")
 flags.DEFINE_boolean("quiet", False, "No progress bars or tables on the console.")
@@ -130,7 +134,9 @@ def config_from_flags(values: dict) -> C.RunConfig:
         v["warmup_epochs"] = min(5, v["epochs"] - 1)
     if v.get("run_dir") is None:
         slug = v["dataset"].replace("folder:", "folder-").replace("/", "_").strip("_")
-        v["run_dir"] = os.path.join("runs", f"{slug}-{v['arch']}-s{v['seed']}")
+        task = "-metric" if v["task"] == "metric" else ""
+        v["run_dir"] = os.path.join(
+            "runs", f"{slug}{task}-{v['arch']}-{v['method']}-{v['regularizer']}-s{v['seed']}")
     data = C.DataConfig(dataset=v["dataset"], data_dir=v["data_dir"], manual_dir=v["manual_dir"],
                         image_size=v["image_size"], batch_size=v["batch_size"], task=v["task"],
                         p_classes=v["p_classes"] or 25, k_images=v["k_images"],
@@ -148,6 +154,7 @@ def config_from_flags(values: dict) -> C.RunConfig:
                           weight_decay=v["weight_decay"], regularizer=v["regularizer"],
                           label_smoothing=v["label_smoothing"],
                           triplet_margin=v["triplet_margin"], dsd_sparsity=v["dsd_sparsity"],
+                          cskd_temperature=v["cskd_temperature"], cskd_lambda=v["cskd_lambda"],
                           dnr_data_fraction=v["dnr_data_fraction"],
                           dnr_threshold=v["dnr_threshold"],
                           slim_bn_recalibration=v["slim_bn_recalibration"])

@@ -4,8 +4,8 @@
   after every generation.
 - "llf": later-layer forgetting (Zhou et al., ICLR 2022): the reset hypothesis is every kernel
   of the layers from a named block onward (`--reset_from=layer4` for ResNet18, which also resets
-  the classifier), re-initialized each generation; earlier layers, BatchNorm and the classifier
-  bias are kept.
+  the classifier), re-initialized each generation; earlier layers, every bias and BatchNorm are
+  kept.
 - "long": one generation trained for g*e epochs with one schedule, the fair comparison for any
   g-generation method.
 - "slim_scratch": the slim KELS architecture (`ke_tf.slim.architecture` of a fresh dense
@@ -44,21 +44,19 @@ def schedule(cfg: RunConfig) -> Tuple[int, int]:
 
 
 def llf_masks(model: keras.Model, reset_from: str) -> masks_lib.Masks:
-    """Masks resetting every kernel (and hidden bias) of the layers from the first layer whose
-    name starts with `reset_from` onward, in graph order; the output layer's bias stays fit."""
+    """Masks resetting every kernel of the layers from the first layer whose name starts with
+    `reset_from` onward, in graph order; biases (the classifier's included) are kept."""
     order = [layer.name for layer in graph.layers_in_order(model)]
     start = next((i for i, name in enumerate(order) if name.startswith(reset_from)), None)
     if start is None:
         raise ConfigError(f"--reset_from={reset_from} names no layer of {model.name} (its layers "
                           f"are named like {', '.join(order[1:4])}, ...). "
                           f"Received: reset_from={reset_from!r}")
-    outputs = set(graph.output_layers(model))
     masks: masks_lib.Masks = {}
     for layer, roles in masks_lib.masked_layers(model):
         later = order.index(layer.name) >= start
         for var, role in roles:
-            keep = not later or (role == "bias" and layer.name in outputs)
-            masks[var.path] = np.full(tuple(var.shape), keep, bool)
+            masks[var.path] = np.full(tuple(var.shape), not later or role == "bias", bool)
     return masks
 
 

@@ -13,11 +13,13 @@ the official code: linear warm-up lr*(e+1)/w for the first w epochs, then cosine
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from ke_tf import losses
 
 
 def lr_at_epoch(epoch: int, base_lr: float, epochs: int, warmup_epochs: int) -> float:
@@ -67,18 +69,24 @@ class KEModel(keras.Model):
       network: the dense functional network N (its variables keep their paths, e.g.
         "conv1/kernel", so masks computed on it apply unchanged).
       weight_decay: PyTorch-style L2 coefficient added to the gradients.
+      cskd: (temperature, lambda) of CS-KD (sec. 4.1, T=4, lambda_cls=3): each batch is b/2
+        anchors then b/2 partners of the same classes; the task loss is on the anchors and the
+        partners' logits (a second forward pass in training mode, as the official code, without
+        gradient) add lambda * `losses.class_wise_kd`. None: plain training.
       held_at_zero: paths of variables that `hold_at_zero` may pin to zero after every optimizer
         step (DSD's sparse phases); their 0/1 multipliers are variables of the compiled step,
         so changing them needs no re-tracing. Empty (the default) costs nothing.
     """
 
     def __init__(self, network: keras.Model, weight_decay: float = 1e-4,
+                 cskd: Optional[Tuple[float, float]] = None,
                  held_at_zero: Sequence[str] = (), **kwargs):
         super().__init__(name=kwargs.pop("name", "ke_model"), **kwargs)
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0. Received: weight_decay={weight_decay!r}")
         self.network = network
         self.weight_decay = weight_decay
+        self.cskd = cskd
         by_path = {v.path: v for v in network.trainable_variables}
         self._multipliers = [(by_path[p], tf.Variable(tf.ones(by_path[p].shape, by_path[p].dtype),
                                                       trainable=False)) for p in held_at_zero]
@@ -96,9 +104,17 @@ class KEModel(keras.Model):
 
     def train_step(self, data):
         x, y = data
+        if self.cskd:  # anchors first, their same-class partners second
+            half = tf.shape(x)[0] // 2
+            x, y, partners = x[:half], y[:half], x[half:]
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+            if self.cskd:
+                temperature, weight = self.cskd
+                with tape.stop_recording():
+                    partner_logits = self(partners, training=True)
+                loss += weight * losses.class_wise_kd(y_pred, partner_logits, temperature)
         variables = self.trainable_variables
         grads = tape.gradient(loss, variables)
         if self.weight_decay:

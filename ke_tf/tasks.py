@@ -55,6 +55,8 @@ def _metric_loss(cfg: RunConfig) -> keras.losses.Loss:
 
 
 def _metric_eval(embeddings, labels, split: str, seed: int) -> Dict[str, float]:
+    if not np.isfinite(embeddings).all():  # a diverged network: record it, don't crash k-means
+        return {f"recall_at_{k}": float("nan") for k in RECALL_KS} | {"nmi": float("nan")}
     recalls = metrics.recall_at_k(embeddings, labels, RECALL_KS)
     out = {f"recall_at_{k}": recalls[k] for k in RECALL_KS}
     out["nmi"] = 100.0 * metrics.nmi(embeddings, labels, seed=seed)

@@ -467,3 +467,15 @@ def test_metric_batches_do_not_depend_on_caching(digits_metric, monkeypatch):
         np.testing.assert_array_equal(u, v)
     for u, v in zip(arrays(digits_metric.train_plain), arrays(uncached.train_plain)):
         np.testing.assert_array_equal(u, v)
+
+
+def test_folder_metric_needs_class_disjoint_train_and_test(tmp_path):
+    for split, classes in (("train", ("ant", "bee")), ("test", ("bee", "cat"))):
+        for c in classes:
+            d = tmp_path / split / c
+            d.mkdir(parents=True)
+            (d / "0.png").write_bytes(tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy())
+    cfg = DataConfig(dataset=f"folder:{tmp_path}", task="metric", image_size=16, batch_size=4,
+                     p_classes=2, k_images=2)
+    with pytest.raises(data.DataError, match="bee"):
+        data.load(cfg)

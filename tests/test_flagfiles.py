@@ -24,9 +24,12 @@ def parse(path):
 
 def test_there_is_a_preset_per_experiment():
     names = {os.path.basename(p) for p in FLAGFILES}
-    assert len([n for n in names if n.startswith("table2_")]) == 10
+    assert len([n for n in names if n.startswith("table2_")]) == 15  # 5 datasets x CE/Smth/CS-KD
     assert len([n for n in names if n.startswith("table4_")]) == 4
-    assert len([n for n in names if n.startswith("table5_")]) == 3
+    assert len([n for n in names if n.startswith("table5_")]) == 5
+    methods = {n[len("compare_digits_"):-len(".flags")] for n in names if n.startswith("compare_")}
+    assert methods >= {"ke", "long", "slim_scratch", "llf", "dsd", "dnr", "cskd", "wels_rand",
+                       "evolve_zero", "fix_reset_seed"}
     assert "digits_default.flags" in names
 
 
@@ -44,7 +47,12 @@ def test_preset_validates_and_documents_itself(path):
         assert (cfg.data.batch_size, cfg.train.lr, cfg.split.split_rate) == (125, 0.0256, 0.8)
     elif name.startswith("table2_"):
         assert (cfg.model.arch, cfg.split.split_rate, cfg.train.generations) == ("resnet18", 0.8, 10)
-        assert cfg.train.regularizer == ("smooth" if "smth" in name else "none")
+        assert cfg.train.regularizer == ("smooth" if "smth" in name else
+                                         "cskd" if "cskd" in name else "none")
+    elif name.startswith("compare_digits_"):  # equal total epochs for every method
+        gens, epochs = cfg.train.generations, cfg.train.epochs
+        assert gens * epochs == 100 and cfg.data.dataset == "digits"
+        assert cfg.method == name[len("compare_digits_"):-len(".flags")] or cfg.method == "ke"
     if name == "digits_default.flags":  # the preset is the no-flag default
         assert cfg == main.config_from_flags(
             {f.name: f.default for f in main.FLAGS.get_flags_for_module(main)})

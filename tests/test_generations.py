@@ -189,6 +189,14 @@ def test_metric_learning_run_on_digits(tmp_path):
         recalls = [r[f"recall_at_{k}"] for k in (1, 2, 4, 8)]
         assert all(0 <= a <= b <= 100 for a, b in zip(recalls, recalls[1:]))
         assert 0 <= r["nmi"] <= 100 and r["train_loss"] >= 0
+    # The rows measure the last generation's networks on the test split, with its labels.
+    from ke_tf import metrics
+    dense_last = [r for r in rows if r["net"] == "dense"][-1]
+    emb = runner.network.predict(runner.data.test, verbose=0)
+    labels = np.concatenate([y.numpy() for _, y in runner.data.test])
+    assert set(labels) == set(range(5)) and len(labels) == runner.data.info.num_test
+    assert dense_last["recall_at_1"] == pytest.approx(metrics.recall_at_k(emb, labels, (1,))[1])
+    assert dense_last["nmi"] == pytest.approx(100 * metrics.nmi(emb, labels, seed=0))
     # The embedding layer keeps all 128 (here 16) outputs under KELS (Table 10).
     assert runner.nets["slim"].output.shape[-1] == 16
     x = next(iter(runner.data.test))[0].numpy()

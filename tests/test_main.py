@@ -72,7 +72,10 @@ def test_dataset_aware_defaults_and_explicit_flags_win():
     assert dogs.data.batch_size == 32
     metric = main.config_from_flags(dict(base, dataset="cars196", task="metric"))
     assert (metric.data.batch_size, metric.train.lr, metric.model.head) == (125, 0.0256, "embedding")
-    assert dogs.train.warmup_epochs == 5 and dogs.run_dir == os.path.join("runs", "stanford_dogs-resnet18-s0")
+    assert dogs.train.warmup_epochs == 5
+    assert dogs.run_dir == os.path.join("runs", "stanford_dogs-resnet18-ke-none-s0")
+    assert main.config_from_flags(dict(base, method="long", seed=2)).run_dir == \
+        os.path.join("runs", "digits-resnet18-long-smooth-s2")
     mine = main.config_from_flags(dict(base, dataset="stanford_dogs", lr=0.1, epochs=3))
     assert (mine.train.lr, mine.train.epochs, mine.train.warmup_epochs) == (0.1, 3, 2)
 

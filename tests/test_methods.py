@@ -32,6 +32,7 @@ def test_llf_resets_every_kernel_from_layer4_on(tmp_path):
     for path, value in before.items():
         layer = path.split("/")[0]
         reset = (layer.startswith("layer4") or layer == "fc") and path.endswith("kernel")
+        assert (path in r.masks) == path.endswith(("kernel", "bias")), path
         if reset:
             assert (after[path] != value).all(), path
         else:  # earlier layers, every BatchNorm (layer4's too) and the classifier bias
@@ -81,12 +82,25 @@ def test_slim_scratch_trains_the_slim_architecture(tmp_path):
 
     expected = slim.architecture(dense, masks.compute(dense, "kels", 0.5))
     assert [w.shape for w in r.network.weights] == [w.shape for w in expected.weights]
+    initial = snapshot(r.network)
+    assert not np.array_equal(initial["conv1/kernel"], expected.get_layer("conv1").kernel.numpy())
     rows = r.run()
+    trained = snapshot(r.network)
+    assert all(not np.array_equal(trained[k], initial[k]) for k in initial if k.endswith("kernel"))
     assert [(row["generation"], row["net"]) for row in rows] == [(1, "slim")]
     assert rows[0]["params"] == sum(int(np.prod(w.shape)) for w in expected.trainable_weights)
 
 
+def test_tasks_metric_eval_survives_a_diverged_network():
+    from ke_tf import tasks
+
+    out = tasks.METRIC.evaluate(np.full((6, 4), np.nan, "float32"), np.arange(6) % 2, "test", 0)
+    assert all(np.isnan(v) for v in out.values()) and "nmi" in out
+
+
 def test_method_flags_validate():
+    with pytest.raises(C.ConfigError, match="--wels_rand"):
+        C.RunConfig(method="llf", split=C.SplitConfig(split_mode="wels", wels_rand=True)).validate()
     with pytest.raises(C.ConfigError, match="--method"):
         C.RunConfig(method="bans").validate()
     with pytest.raises(C.ConfigError, match="--split_mode"):
@@ -177,3 +191,72 @@ def test_dnr_runner_recomputes_the_mask_and_resets_the_rest(tmp_path):
         else:
             np.testing.assert_array_equal(after[path][m], value[m])
             assert (after[path][~m] != value[~m]).all()
+
+
+def test_class_wise_kd_is_the_official_formula():
+    import tensorflow as tf
+
+    from ke_tf import losses
+
+    rng = np.random.default_rng(1)
+    a, p = rng.normal(size=(6, 5)).astype("float32"), rng.normal(size=(6, 5)).astype("float32")
+    T = 4.0
+    log_p = a / T - np.log(np.exp(a / T).sum(1, keepdims=True))  # torch.log_softmax(input/T)
+    q = np.exp(p / T) / np.exp(p / T).sum(1, keepdims=True)      # torch.softmax(target/T)
+    want = (q * (np.log(q) - log_p)).sum() * T**2 / 6            # KLDivLoss(sum) * T^2 / n
+    np.testing.assert_allclose(losses.class_wise_kd(a, p, T).numpy(), want, rtol=1e-5)
+    partners = tf.Variable(p)
+    with tf.GradientTape() as tape:
+        loss = losses.class_wise_kd(a, partners, T)
+    assert tape.gradient(loss, partners) is None  # the partners are constant targets
+
+
+def test_cskd_batches_hold_anchors_then_same_class_partners():
+    from ke_tf import data as data_lib
+
+    cfg = C.RunConfig(data=C.DataConfig(dataset="digits", image_size=16, batch_size=10,
+                                        digits_per_class=4),
+                      train=C.TrainConfig(regularizer="cskd")).validate()
+    assert cfg.data.class_pairs
+    data = data_lib.load(cfg.data)
+    batches = list(data.train)
+    assert len(batches) == 4  # 40 images, batches of 10
+    for _, y in batches:
+        y = y.numpy()
+        assert len(set(y[:5])) == 5 and (y[5:] == y[:5]).all()
+
+
+def test_cskd_train_step_matches_the_official_computation(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from ke_tf import losses
+    from ke_tf.model import KEModel
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(8, 6, 6, 3)).astype("float32")
+    y = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    i = keras.Input((6, 6, 3))
+    h = keras.layers.BatchNormalization(momentum=0.9, name="bn")(keras.layers.Conv2D(4, 3, name="conv")(i))
+    net = keras.Model(i, keras.layers.Dense(4, name="fc")(keras.layers.GlobalAveragePooling2D()(h)))
+    ref = keras.models.clone_model(net)
+    ref.set_weights(net.get_weights())
+    model = KEModel(net, weight_decay=0.0, cskd=(4.0, 3.0))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=losses.SparseCrossEntropy())
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    with tf.GradientTape() as tape:  # the official code: CE on anchors + 3 * KD to partners
+        anchor = ref(x[:4], training=True)
+        loss = losses.sparse_cross_entropy(y[:4], anchor)
+        with tape.stop_recording():
+            partner = ref(x[4:], training=True)  # no_grad, BN in training mode
+        loss += 3.0 * losses.class_wise_kd(anchor, partner, 4.0)
+    grads = tape.gradient(loss, ref.trainable_variables)
+    for v, g in zip(ref.trainable_variables, grads):
+        v.assign(v - 0.1 * g)
+    for a, b in zip(net.weights, ref.weights):  # BN statistics saw anchors, then partners
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
+
+def test_cskd_needs_an_even_batch():
+    with pytest.raises(C.ConfigError, match="--batch_size"):
+        C.RunConfig(data=C.DataConfig(batch_size=25), train=C.TrainConfig(regularizer="cskd")).validate()
