@@ -432,7 +432,8 @@ def load(cfg: DataConfig) -> Data:
         raw, labels = ds.batch(n).get_single_element()
         pool = _Pool(raw, labels.numpy(), names)
         pairs, _, _, _ = _pk_stream(cfg, src, pool, cfg.batch_size // 2, 2,
-                                    ("--batch_size (half of it)", "--regularizer=cskd"))
+                                    (f"--batch_size={cfg.batch_size} (half of it, classes per "
+                                     "batch, with --regularizer=cskd)", "--regularizer=cskd"))
         train = pairs.map(anchors_then_partners)
     else:
         train = train.batch(batch)
@@ -463,17 +464,18 @@ def _pk_stream(cfg: DataConfig, src: _Source, pool: _Pool, p: int, k: int, flags
     """Batches of P distinct classes (uniform, without replacement) x K images, grouped by class
     (c1 x K, c2 x K, ...), each class's images in a new shuffled order every pass; the same for
     the same seed. Returns (train batches, per-class datasets, drawn classes, decode function).
-    `flags` name the flags of P and K in errors. Classes without images are never drawn."""
+    `flags` name the flags (with values) that set P and K, for errors. Classes without images are
+    never drawn."""
     counts = np.bincount(pool.labels, minlength=len(pool.class_names))
     drawn = np.flatnonzero(counts)
     if len(drawn) < p:
-        raise DataError(f"{flags[0]} asks for {p} classes per batch, more than the {len(drawn)} "
-                        f"training classes (with images) of --dataset={cfg.dataset}")
+        raise DataError(f"{flags[0]} exceeds the {len(drawn)} training classes (with images) of "
+                        f"--dataset={cfg.dataset}: a batch needs {p} distinct classes")
     for c in drawn:
         if counts[c] < k:
-            raise DataError(f"{flags[1]} asks for {k} images per class: training class "
-                            f"{pool.class_names[c]!r} of --dataset={cfg.dataset} has only "
-                            f"{counts[c]} images")
+            raise DataError(f"{flags[1]}: training class {pool.class_names[c]!r} of "
+                            f"--dataset={cfg.dataset} has only {counts[c]} images, fewer than "
+                            f"the {k} a batch takes of each class")
     n_train = len(pool.labels)
     image_bytes = src.side * src.side * 3  # a square image; wider ones take more
     cached = n_train * image_bytes <= CACHE_BYTES
@@ -521,7 +523,8 @@ def _metric(cfg: DataConfig, src: _Source) -> Data:
     """P x K training batches from per-class streams; train_plain and test as for classification."""
     train, test = src.splits["train"], src.splits["test"]
     train_ds, classes, drawn, decoded = _pk_stream(cfg, src, train, cfg.p_classes, cfg.k_images,
-                                                   ("--p_classes", "--k_images"))
+                                                   (f"--p_classes={cfg.p_classes}",
+                                                    f"--k_images={cfg.k_images}"))
     n_train, n_test = len(train.labels), len(test.labels)
     image_bytes = src.side * src.side * 3
     cache_test = (n_train + n_test) * image_bytes <= CACHE_BYTES

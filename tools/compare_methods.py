@@ -14,8 +14,10 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-from absl import app, flags
+from ke_tf import cli  # first: exit statuses, TensorFlow's start-up noise filtered
+
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds to run each preset with.")
 flags.DEFINE_string("out", "runs/compare", "Directory of the runs.")
@@ -63,4 +65,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
