@@ -419,13 +419,6 @@ def load(cfg: DataConfig) -> Data:
 
     size, batch = cfg.image_size, cfg.batch_size
     counts = {split: n for split, (_, n) in src.splits.items()}
-    # Every iteration is a new epoch: reshuffled (over the whole split, or as many images as
-    # CACHE_BYTES holds) and re-augmented with fresh per-image seeds, the same for the same seed.
-    train = decoded["train"].shuffle(min(counts["train"], CACHE_BYTES // image_bytes),
-                                     seed=cfg.seed, reshuffle_each_iteration=True)
-    train = tf.data.Dataset.zip(train, _seeds(cfg.seed)).map(
-        lambda xy, seed: (train_transform(xy[0], seed, size, src.augment), xy[1]),
-        num_parallel_calls=AUTOTUNE)
     names = src.class_names
     if cfg.class_pairs:  # CS-KD: b/2 anchors of distinct classes, then a partner of each's class
         ds, n = src.splits["train"]
@@ -436,7 +429,14 @@ def load(cfg: DataConfig) -> Data:
                                      "batch, with --regularizer=cskd)", "--regularizer=cskd"))
         train = pairs.map(anchors_then_partners)
     else:
-        train = train.batch(batch)
+        # Every iteration is a new epoch: reshuffled (over the whole split, or as many images as
+        # CACHE_BYTES holds) and re-augmented with fresh per-image seeds, the same for the same
+        # seed.
+        train = decoded["train"].shuffle(min(counts["train"], CACHE_BYTES // image_bytes),
+                                         seed=cfg.seed, reshuffle_each_iteration=True)
+        train = tf.data.Dataset.zip(train, _seeds(cfg.seed)).map(
+            lambda xy, seed: (train_transform(xy[0], seed, size, src.augment), xy[1]),
+            num_parallel_calls=AUTOTUNE).batch(batch)
     info = DatasetInfo(
         name=cfg.dataset, num_classes=len(names), class_names=names,
         image_size=size, num_train=counts["train"], num_test=counts["test"],
