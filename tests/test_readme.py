@@ -22,3 +22,10 @@ def test_ci_runs_the_readme_test_command():
 def test_readme_flag_files_exist():
     for name in re.findall(r"flags/([\w.]+\.flags)", read("README.md")):
         assert os.path.exists(os.path.join(ROOT, "flags", name)), name
+
+
+def test_python_api_example_runs(capsys):
+    code = re.search(r"```python\n(.*?)```", read("README.md"), re.S).group(1)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "(11228838, 1813613568) (2825094, 482919936)" in printed  # Table 6
