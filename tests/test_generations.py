@@ -4,14 +4,12 @@ import json
 import os
 from unittest import mock
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from ke_tf import config as C
-from ke_tf import data as data_lib
 from ke_tf import generations, masks, reinit
 from ke_tf.generations import GenerationRunner
 
