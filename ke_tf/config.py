@@ -52,6 +52,7 @@ class DataConfig:
     recal_images: int = 512
     seed: int = 0
     class_pairs: bool = False  # CS-KD batches: b/2 anchors, then a partner of each one's class
+    skip_corrupt_images: bool = False  # folder datasets: skip (and count) unreadable images
 
     def validate(self) -> "DataConfig":
         ds = self.dataset
@@ -138,6 +139,7 @@ class SplitConfig:
 
 
 REGULARIZERS = ("none", "smooth", "cskd")
+STRATEGIES = ("none", "mirrored")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +196,15 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Everything one `python -m ke_tf.main` run needs; `to_flags()` is what config.json holds."""
+    """Everything one `python -m ke_tf.main` run needs; `to_flags()` is what config.json holds.
+
+    deterministic: TensorFlow op determinism (same seed and flags: bit-identical results, also
+      across a crash and resume). keep_generations: how many per-generation checkpoints to keep
+      (the most recent; None keeps all). strategy: "mirrored" trains on every local GPU (or
+      logical CPU device) with `tf.distribute.MirroredStrategy`, the global batch split among
+      them. mixed_precision: float16 on GPU, bfloat16 on CPU, float32 master weights.
+      jit_compile: XLA-compile the train step.
+    """
 
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -205,6 +215,11 @@ class RunConfig:
     export: bool = True
     overwrite: bool = False
     method: str = "ke"
+    deterministic: bool = False
+    keep_generations: Optional[int] = None
+    strategy: str = "none"
+    mixed_precision: bool = False
+    jit_compile: bool = False
 
     def __post_init__(self):
         # One run seed: it also seeds the data pipeline's shuffling and augmentation; CS-KD
@@ -234,6 +249,10 @@ class RunConfig:
                      "must be kels with --method=slim_scratch (the slim network is KELS's)",
                      self.split.split_mode)
         _require(bool(self.run_dir), "run_dir", "must not be empty", self.run_dir)
+        _require(self.keep_generations is None or self.keep_generations >= 1, "keep_generations",
+                 "must be >= 1 (or unset: keep all)", self.keep_generations)
+        _require(self.strategy in STRATEGIES, "strategy",
+                 f"must be one of {', '.join(STRATEGIES)}", self.strategy)
         if self.data.task == "metric":
             _require(self.model.head == "embedding", "head",
                      "must be embedding with --task=metric", self.model.head)
@@ -244,8 +263,39 @@ class RunConfig:
 
     def to_flags(self) -> dict:
         """One flat {flag name: value} dict (field names are the flag names)."""
-        flat = {"seed": self.seed, "run_dir": self.run_dir, "export": self.export,
-                "overwrite": self.overwrite, "method": self.method}
-        for part in (self.data, self.model, self.split, self.train):
-            flat.update(dataclasses.asdict(part))
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in _PARTS}
+        for part in _PARTS:
+            flat.update(dataclasses.asdict(getattr(self, part)))
         return flat
+
+    @classmethod
+    def from_flags(cls, flat: dict) -> "RunConfig":
+        """The inverse of `to_flags` (config.json back to a RunConfig); unknown keys are an
+        error, missing ones take the defaults."""
+        parts = {name: dataclasses.fields(typ) for name, typ in _PARTS.items()}
+        known = {f.name for fs in parts.values() for f in fs} | {
+            f.name for f in dataclasses.fields(cls) if f.name not in _PARTS}
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise ConfigError(f"unknown flags in the saved configuration: {', '.join(unknown)}")
+        kwargs = {name: _PARTS[name](**{f.name: _tuple(flat[f.name]) for f in fs
+                                        if f.name in flat})
+                  for name, fs in parts.items()}
+        kwargs.update({k: v for k, v in flat.items() if k in known and not any(
+            k in {f.name for f in fs} for fs in parts.values())})
+        return cls(**kwargs)
+
+
+def _tuple(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+_PARTS = {"data": DataConfig, "model": ModelConfig, "split": SplitConfig, "train": TrainConfig}
+
+
+def differences(saved: dict, current: dict, ignore=("overwrite", "keep_generations")) -> list:
+    """The flags whose values differ between two `to_flags()` dicts, as "--flag: a -> b"."""
+    keys = sorted((set(saved) | set(current)) - set(ignore))
+    return [f"--{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
+            if _tuple(saved.get(k)) != _tuple(current.get(k))]

@@ -20,91 +20,112 @@ from absl import flags  # noqa: E402
 
 from ke_tf import config as C  # noqa: E402
 
-# --- data ---
+# Flags are grouped by topic in --helpfull (absl groups by the module name given here).
+TOPICS = ("data", "network", "split", "method", "training", "execution", "run")
+DATA, NETWORK, SPLIT, METHOD, TRAINING, EXECUTION, RUN = (f"ke_tf {t}" for t in TOPICS)
+
 flags.DEFINE_string("dataset", "digits", "digits (embedded, offline), a tfds name ("
-                    + ", ".join(C.PAPER_DATASETS) + ") or folder:PATH (PATH/train/<class>/*, "
-                    "PATH/test/<class>/*, optional PATH/val/<class>/*).")
-flags.DEFINE_string("data_dir", None, "tfds data directory (default: tfds' ~/tensorflow_datasets).")
-flags.DEFINE_string("manual_dir", None, "Directory holding manually downloaded tfds archives.")
+                    + ", ".join(C.PAPER_DATASETS) + ") or folder:PATH (PATH/{train,test[,val]}"
+                    "/<class>/*).", module_name=DATA)
+flags.DEFINE_string("data_dir", None, "tfds data directory [default: ~/tensorflow_datasets].",
+                    module_name=DATA)
+flags.DEFINE_string("manual_dir", None, "Directory of manually downloaded tfds archives.",
+                    module_name=DATA)
+flags.DEFINE_boolean("skip_corrupt_images", False, "folder:PATH: skip (and count) corrupt or "
+                     "non-image files instead of stopping.", module_name=DATA)
 flags.DEFINE_integer("image_size", None, "Square input side in pixels [default: 32 digits, 224 "
-                     "otherwise].", lower_bound=8, upper_bound=1024)
-flags.DEFINE_enum("task", "classification", C.TASKS, "classification (logits, top-1/top-5) or "
-                  "metric (L2-normalized embeddings, semi-hard triplet loss, Recall@K and NMI on "
-                  "class-disjoint test classes, sec. 4.2).")
+                     "otherwise].", lower_bound=8, upper_bound=1024, module_name=DATA)
+flags.DEFINE_enum("task", "classification", C.TASKS, "classification (top-1/top-5) or metric "
+                  "(embeddings, triplet loss, Recall@K, NMI; sec. 4.2).", module_name=DATA)
 flags.DEFINE_integer("batch_size", None, "Training batch size [default: 32 (paper), 25 digits; "
-                     "P*K with --task=metric].", lower_bound=1)
+                     "P*K with --task=metric].", lower_bound=1, module_name=DATA)
 flags.DEFINE_integer("p_classes", None, "--task=metric: classes per batch P [default: 25 (paper), "
-                     "5 digits].", lower_bound=2)
-flags.DEFINE_integer("k_images", 5, "--task=metric: images per class in a batch K.", lower_bound=2)
-flags.DEFINE_integer("digits_per_class", 10, "digits: training images per class; the rest is "
-                     "the test split.", lower_bound=1, upper_bound=150)
-flags.DEFINE_integer("recal_images", 512, "Training images used to re-estimate the slim "
-                     "network's BatchNorm statistics.", lower_bound=1)
-# --- network ---
-flags.DEFINE_enum("arch", "resnet18", C.ARCHS, "Architecture.")
+                     "5 digits].", lower_bound=2, module_name=DATA)
+flags.DEFINE_integer("k_images", 5, "--task=metric: images per class in a batch K.", lower_bound=2,
+                     module_name=DATA)
+flags.DEFINE_integer("digits_per_class", 10, "digits: training images per class (the rest is the "
+                     "test split).", lower_bound=1, upper_bound=150, module_name=DATA)
+flags.DEFINE_integer("recal_images", 512, "Training images that re-estimate the slim network's "
+                     "BatchNorm statistics.", lower_bound=1, module_name=DATA)
+
+flags.DEFINE_enum("arch", "resnet18", C.ARCHS, "Architecture.", module_name=NETWORK)
 flags.DEFINE_enum("stem", None, C.STEMS, "imagenet (7x7/2 conv + max-pool) or small (3x3/1 "
-                  "conv) [default: small for images <= 64 px].")
+                  "conv) [default: small for images <= 64 px].", module_name=NETWORK)
 flags.DEFINE_integer("embedding_dim", 128, "--task=metric: embedding size (paper: 128).",
-                     lower_bound=2)
+                     lower_bound=2, module_name=NETWORK)
 flags.DEFINE_float("width_multiplier", None, "Scales every internal channel count [default: "
-                   "0.25 digits, 1 otherwise].", lower_bound=1e-3, upper_bound=4.0)
-# --- split ---
+                   "0.25 digits, 1 otherwise].", lower_bound=1e-3, upper_bound=4.0,
+                   module_name=NETWORK)
+
 flags.DEFINE_enum("split_mode", "kels", C.SPLIT_MODES, "kels: kernel-level, gives a slim "
-                  "network; wels: weight-level random (sec. 3.2).")
+                  "network; wels: weight-level, random (sec. 3.2).", module_name=SPLIT)
 flags.DEFINE_float("split_rate", 0.8, "Split rate s in (0, 1]: share of filters (KELS) or "
-                   "weights (WELS) in the fit hypothesis.")
-flags.DEFINE_boolean("wels_rand", False, "With --split_mode=wels: draw a new random mask before "
-                     "every generation (WELS-Rand, appendix D(1)).")
-flags.DEFINE_enum("method", "ke", C.METHODS, "ke: Knowledge Evolution; dsd: KE+DSD (even "
-                  "generations prune and hold --dsd_sparsity of every kernel at zero); llf: "
-                  "later-layer "
-                  "forgetting (reset every kernel from --reset_from on); dnr: dynamic neural "
-                  "regeneration (data-aware masks each generation); long: one generation of "
-                  "generations*epochs epochs; slim_scratch: the slim KELS architecture trained "
-                  "from scratch for generations*epochs epochs.")
-flags.DEFINE_float("dsd_sparsity", 0.3, "--method=dsd: share of every kernel's smallest weights "
-                   "pruned and held at zero in the even (sparse) generations.")
-flags.DEFINE_float("dnr_data_fraction", 0.2, "--method=dnr: share of the training images whose "
-                   "gradients score the weights.")
-flags.DEFINE_enum("dnr_threshold", "global", C.DNR_THRESHOLDS, "--method=dnr: keep the top "
-                  "--split_rate of weights over the whole network (DNR) or per layer.")
-flags.DEFINE_string("reset_from", "layer4", "--method=llf: name prefix of the first layer reset.")
+                   "weights (WELS) in the fit hypothesis.", module_name=SPLIT)
+flags.DEFINE_boolean("wels_rand", False, "--split_mode=wels: a new random mask every generation "
+                     "(appendix D(1)).", module_name=SPLIT)
 flags.DEFINE_enum("evolve_mode", "rand", C.EVOLVE_MODES, "rand: re-draw the reset hypothesis; "
-                  "zero: set it to zero (an ablation the paper warns against).")
-flags.DEFINE_boolean("fix_reset_seed", False, "Draw the same random reset values in every "
-                     "generation (LLF's ablation).")
-flags.DEFINE_enum("reset_init", "layer", C.RESET_INITS, "Distribution of the re-initialized "
-                  "reset hypothesis: the layer's own initializer, or PyTorch's default.")
-# --- training ---
+                  "zero: set it to zero (an ablation).", module_name=SPLIT)
+flags.DEFINE_boolean("fix_reset_seed", False, "The same random reset values in every generation "
+                     "(LLF's ablation).", module_name=SPLIT)
+flags.DEFINE_enum("reset_init", "layer", C.RESET_INITS, "Reset draws from the layer's own "
+                  "initializer, or PyTorch's default.", module_name=SPLIT)
+
+flags.DEFINE_enum("method", "ke", C.METHODS, "ke (Knowledge Evolution), dsd, llf, dnr, long or "
+                  "slim_scratch: see the README's methods table.", module_name=METHOD)
+flags.DEFINE_float("dsd_sparsity", 0.3, "--method=dsd: share of each kernel held at zero in the "
+                   "sparse generations.", module_name=METHOD)
+flags.DEFINE_float("dnr_data_fraction", 0.2, "--method=dnr: share of the training images that "
+                   "score the weights.", module_name=METHOD)
+flags.DEFINE_enum("dnr_threshold", "global", C.DNR_THRESHOLDS, "--method=dnr: keep the top "
+                  "--split_rate over the network or per layer.", module_name=METHOD)
+flags.DEFINE_string("reset_from", "layer4", "--method=llf: name prefix of the first layer reset.",
+                    module_name=METHOD)
+
 flags.DEFINE_integer("generations", None, "Number of generations g [default: 5 digits, 10 "
-                     "otherwise].", lower_bound=1)
+                     "otherwise].", lower_bound=1, module_name=TRAINING)
 flags.DEFINE_integer("epochs", None, "Epochs per generation e [default: 40 digits, 200 "
-                     "otherwise].", lower_bound=1)
-flags.DEFINE_float("lr", None, "Peak learning rate [default: 0.05 digits, 0.256 otherwise; "
-                   "a tenth of that with --task=metric (paper: 0.0256)].")
+                     "otherwise].", lower_bound=1, module_name=TRAINING)
+flags.DEFINE_float("lr", None, "Peak learning rate [default: 0.05 digits, 0.256 otherwise; /10 "
+                   "with --task=metric].", module_name=TRAINING)
 flags.DEFINE_integer("warmup_epochs", None, "Linear warm-up epochs [default: min(5, epochs-1)].",
-                     lower_bound=0)
-flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+                     lower_bound=0, module_name=TRAINING)
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.", module_name=TRAINING)
 flags.DEFINE_float("weight_decay", None, "PyTorch-style (coupled) L2 weight decay [default: "
-                   "5e-4 digits, 1e-4 otherwise].")
-flags.DEFINE_enum("regularizer", None, C.REGULARIZERS, "none: cross entropy; smooth: label "
-                  "smoothing; cskd: class-wise self-knowledge distillation (batches of anchors and "
-                  "same-class partners) [default: smooth digits, none otherwise].")
-flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing alpha with --regularizer=smooth.")
-flags.DEFINE_float("cskd_temperature", 4.0, "--regularizer=cskd: temperature T (paper: 4).")
-flags.DEFINE_float("cskd_lambda", 3.0, "--regularizer=cskd: weight lambda_cls (paper: 3).")
-flags.DEFINE_float("triplet_margin", 0.2, "--task=metric: margin m of the triplet loss (Eq. 3); "
-                   "FaceNet's 0.2 for unit-length embeddings (the paper does not state it).")
-flags.DEFINE_boolean("slim_bn_recalibration", True, "Also evaluate (and export) the slim "
-                     "network with BatchNorm statistics re-estimated on training images.")
-# --- run ---
+                   "5e-4 digits, 1e-4 otherwise].", module_name=TRAINING)
+flags.DEFINE_enum("regularizer", None, C.REGULARIZERS, "none, smooth (label smoothing) or cskd "
+                  "[default: smooth digits, none otherwise].", module_name=TRAINING)
+flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing alpha with --regularizer=smooth.",
+                   module_name=TRAINING)
+flags.DEFINE_float("cskd_temperature", 4.0, "--regularizer=cskd: temperature T (paper: 4).",
+                   module_name=TRAINING)
+flags.DEFINE_float("cskd_lambda", 3.0, "--regularizer=cskd: weight lambda_cls (paper: 3).",
+                   module_name=TRAINING)
+flags.DEFINE_float("triplet_margin", 0.2, "--task=metric: triplet margin m (Eq. 3; FaceNet's "
+                   "0.2, the paper does not state it).", module_name=TRAINING)
+flags.DEFINE_boolean("slim_bn_recalibration", True, "Also evaluate and export the slim network "
+                     "with re-estimated BatchNorm statistics.", module_name=TRAINING)
+
+flags.DEFINE_enum("strategy", "none", C.STRATEGIES, "mirrored: data-parallel over every local "
+                  "GPU (or logical CPU device).", module_name=EXECUTION)
+flags.DEFINE_boolean("mixed_precision", False, "float16 on GPU, bfloat16 on CPU, float32 master "
+                     "weights.", module_name=EXECUTION)
+flags.DEFINE_boolean("jit_compile", False, "XLA-compile the train step (slow on CPU).",
+                     module_name=EXECUTION)
+flags.DEFINE_boolean("deterministic", False, "TensorFlow op determinism: bit-identical results "
+                     "for the same flags, also after a resume.", module_name=EXECUTION)
+
 flags.DEFINE_integer("seed", 0, "Run seed: initial weights, masks, reset draws, data order.",
-                     lower_bound=0)
-flags.DEFINE_string("run_dir", None, "Output directory [default: runs/<dataset>[-metric]-<arch>-"
-                    "<method>-<regularizer>-s<seed>].")
-flags.DEFINE_boolean("overwrite", False, "Replace the run already in --run_dir.")
-flags.DEFINE_boolean("export", True, "Export the last generation's networks as SavedModels.")
-flags.DEFINE_boolean("quiet", False, "No progress bars or tables on the console.")
+                     lower_bound=0, module_name=RUN)
+flags.DEFINE_string("run_dir", None, "Output directory; an interrupted run there is resumed "
+                    "[default: runs/<dataset>-<arch>-<method>-...].", module_name=RUN)
+flags.DEFINE_boolean("overwrite", False, "Replace the run already in --run_dir instead of "
+                     "resuming it.", module_name=RUN)
+flags.DEFINE_integer("keep_generations", None, "Per-generation checkpoints to keep, the most "
+                     "recent [default: all].", lower_bound=1, module_name=RUN)
+flags.DEFINE_boolean("export", True, "Export the last generation's networks as SavedModels.",
+                     module_name=RUN)
+flags.DEFINE_boolean("quiet", False, "No progress bars or tables on the console.",
+                     module_name=RUN)
 FLAGS = flags.FLAGS
 
 # digits: 100 training images = 4 full batches of 25 (a ragged last batch of 4 images made the
@@ -141,7 +162,7 @@ def config_from_flags(values: dict) -> C.RunConfig:
                         image_size=v["image_size"], batch_size=v["batch_size"], task=v["task"],
                         p_classes=v["p_classes"] or 25, k_images=v["k_images"],
                         digits_per_class=v["digits_per_class"], recal_images=v["recal_images"],
-                        seed=v["seed"])
+                        seed=v["seed"], skip_corrupt_images=v.get("skip_corrupt_images", False))
     model = C.ModelConfig(arch=v["arch"], stem=v["stem"], width_multiplier=v["width_multiplier"],
                           head="embedding" if v["task"] == "metric" else "logits",
                           embedding_dim=v["embedding_dim"])
@@ -160,7 +181,12 @@ def config_from_flags(values: dict) -> C.RunConfig:
                           slim_bn_recalibration=v["slim_bn_recalibration"])
     return C.RunConfig(data=data, model=model, split=split, train=train, seed=v["seed"],
                        run_dir=v["run_dir"], export=v["export"],
-                       overwrite=v["overwrite"], method=v["method"]).validate()
+                       overwrite=v["overwrite"], method=v["method"],
+                       deterministic=v.get("deterministic", False),
+                       keep_generations=v.get("keep_generations"),
+                       strategy=v.get("strategy", "none"),
+                       mixed_precision=v.get("mixed_precision", False),
+                       jit_compile=v.get("jit_compile", False)).validate()
 
 
 def check_run_dir(path: str) -> None:
@@ -173,8 +199,15 @@ def check_run_dir(path: str) -> None:
                             f"{path}. Received: run_dir={path!r}")
 
 
+def flag_values(defaults: bool = False) -> dict:
+    """{flag name: value} (or default) of every training flag defined above, all topics."""
+    return {flag.name: flag.default if defaults else flag.value
+            for topic in (DATA, NETWORK, SPLIT, METHOD, TRAINING, EXECUTION, RUN)
+            for flag in FLAGS.get_flags_for_module(topic)}
+
+
 def main(argv) -> None:
-    values = {flag.name: flag.value for flag in FLAGS.get_flags_for_module(__name__)}
+    values = flag_values()
     cfg = config_from_flags(values)
     check_run_dir(cfg.run_dir)
     from ke_tf.generations import GenerationRunner  # heavy imports after the usage checks

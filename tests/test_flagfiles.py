@@ -16,8 +16,7 @@ def parse(path):
     args = flags.read_flags_from_files([f"--flagfile={path}"], force_gnu=True)
     try:
         flags(["ke_tf.main"] + args)
-        return main.config_from_flags(
-            {f.name: f.value for f in flags.get_flags_for_module(main)})
+        return main.config_from_flags(main.flag_values())
     finally:
         flags.unparse_flags()
 
@@ -55,4 +54,4 @@ def test_preset_validates_and_documents_itself(path):
         assert cfg.method == name[len("compare_digits_"):-len(".flags")] or cfg.method == "ke"
     if name == "digits_default.flags":  # the preset is the no-flag default
         assert cfg == main.config_from_flags(
-            {f.name: f.default for f in main.FLAGS.get_flags_for_module(main)})
+            main.flag_values(defaults=True))

@@ -60,7 +60,7 @@ def test_unwritable_run_dir_exits_2(tmp_path):
 def test_dataset_aware_defaults_and_explicit_flags_win():
     from ke_tf import main
 
-    base = {f.name: f.default for f in main.FLAGS.get_flags_for_module(main)}
+    base = main.flag_values(defaults=True)
     digits = main.config_from_flags(dict(base, dataset="digits"))
     assert (digits.data.image_size, digits.model.width_multiplier, digits.train.epochs) == (32, 0.25, 40)
     assert digits.data.batch_size == 25  # 100 images = 4 full batches
