@@ -15,6 +15,11 @@ class ConfigError(ValueError):
     """Bad usage or bad input: the message names the flag or file. The CLI exits with status 2."""
 
 
+class RunError(RuntimeError):
+    """A run that failed while running (e.g. the loss became NaN): the message says what
+    happened and what was kept. The CLI exits with status 1, without a traceback."""
+
+
 def _require(cond: bool, flag: str, msg: str, value) -> None:
     if not cond:
         raise ConfigError(f"--{flag} {msg}. Received: {flag}={value!r}")

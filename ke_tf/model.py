@@ -99,6 +99,13 @@ class KEModel(keras.Model):
             multiplier.assign(m.astype(multiplier.dtype.as_numpy_dtype))
             var.assign(var * multiplier)
 
+    def held_values(self, values: Optional[Sequence[np.ndarray]] = None) -> list:
+        """The 0/1 multipliers of `hold_at_zero` (to checkpoint them), or set them back."""
+        if values is not None:
+            for (_, multiplier), value in zip(self._multipliers, values):
+                multiplier.assign(value)
+        return [multiplier.numpy() for _, multiplier in self._multipliers]
+
     def call(self, inputs, training=False):
         return self.network(inputs, training=training)
 

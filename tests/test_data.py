@@ -90,8 +90,8 @@ def test_digits_images_shape_dtype_and_normalization(digits):
 
 def test_train_order_is_reproducible_and_reshuffled_every_epoch():
     a, b = data.load(DataConfig(seed=3)), data.load(DataConfig(seed=3))
-    a1, a2 = arrays(a.train), arrays(a.train)  # two epochs
-    b1, b2 = arrays(b.train), arrays(b.train)
+    a1, a2 = arrays(a.epoch(0)), arrays(a.epoch(1))  # two epochs
+    b2, b1 = arrays(b.epoch(1)), arrays(b.epoch(0))  # a resumed run reads epoch 1 first
     for u, v in ((a1, b1), (a2, b2)):
         np.testing.assert_array_equal(u[0], v[0])
         np.testing.assert_array_equal(u[1], v[1])
@@ -106,7 +106,7 @@ def test_augmentation_is_reproducible_and_differs_across_seeds_and_epochs(tmp_pa
 
     def epochs(seed):
         d = data.load(DataConfig(dataset=f"folder:{tmp_path}", image_size=16, seed=seed))
-        return arrays(d.train)[0], arrays(d.train)[0]
+        return arrays(d.epoch(0))[0], arrays(d.epoch(1))[0]
 
     (a1, a2), (b1, b2), (c1, _) = epochs(0), epochs(0), epochs(1)
     np.testing.assert_array_equal(a1, b1)
@@ -356,9 +356,9 @@ def test_metric_digits_splits_are_class_disjoint(digits_metric):
 
 
 def test_metric_batches_are_p_classes_by_k_images(digits_metric):
-    assert digits_metric.train.cardinality() == 901 // 25
+    assert digits_metric.steps_per_epoch == 901 // 25
     for epoch in range(2):
-        batches = [(x.numpy(), y.numpy()) for x, y in digits_metric.train]
+        batches = [(x.numpy(), y.numpy()) for x, y in digits_metric.epoch(epoch)]
         assert len(batches) == 36
         for x, y in batches:
             assert x.shape == (25, 32, 32, 3) and x.dtype == np.float32 and y.dtype == np.int32
@@ -373,9 +373,9 @@ def test_metric_batches_are_p_classes_by_k_images(digits_metric):
 
 def test_metric_train_is_reproducible_and_differs_per_epoch():
     a, b = data.load(metric_config(seed=3)), data.load(metric_config(seed=3))
-    a1, a2 = arrays(a.train), arrays(a.train)
-    b1, b2 = arrays(b.train), arrays(b.train)
-    for u, v in ((a1, b1), (a2, b2)):
+    a1, a2 = arrays(a.epoch(0)), arrays(a.epoch(1))
+    b1, b2 = arrays(b.epoch(1)), arrays(b.epoch(0))  # any order of reading: epoch e is epoch e
+    for u, v in ((a1, b2), (a2, b1)):
         np.testing.assert_array_equal(u[0], v[0])
         np.testing.assert_array_equal(u[1], v[1])
     assert not np.array_equal(a1[1], a2[1]) and not np.allclose(a1[0], a2[0])

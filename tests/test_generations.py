@@ -37,9 +37,9 @@ def digits_run(tmp_path_factory):
     seen = {"start": [], "reset_calls": [], "train_fn": []}
     train = runner.train_generation
 
-    def spy_train(g, monitor):
+    def spy_train(g, monitor, first_epoch=0):
         seen["start"].append({v.path: v.numpy().copy() for v in runner.network.weights})
-        out = train(g, monitor)
+        out = train(g, monitor, first_epoch)
         seen["train_fn"].append(runner.model.train_function)
         seen["end_" + str(g)] = {v.path: v.numpy().copy() for v in runner.network.weights}
         return out

@@ -1,0 +1,188 @@
+"""Checkpoints of a run: resume after a crash, export any kept generation.
+
+Layout under `<run_dir>/checkpoints/`, every directory written atomically (`ke_tf.atomic`):
+
+- `last/`: where training stands. Written at the end of every epoch and once more when a
+  generation has been evaluated. `state.json` (generation, epochs done, whether evaluated, the
+  rows of results.csv and hypotheses.csv so far, the last training metrics, seconds spent),
+  `network.npz` (every variable of the trained network by path: weights, BatchNorm statistics),
+  `optimizer.npz` (momentum buffers, iteration count, learning rate), `masks.npz` (the masks in
+  use: WELS masks are random, so they are restored, never re-drawn) and `held.npz` (DSD's 0/1
+  multipliers).
+- `generation_NNN/`: the networks of finished generation NNN as evaluated: `dense.npz`,
+  `slim.npz` (the BatchNorm-recalibrated slim network when the run recalibrates) and the masks,
+  plus `state.json` with what an export needs (class names, output name). `--keep_generations`
+  bounds how many are kept (the most recent).
+
+Files only ever hold arrays (`np.load(allow_pickle=False)`) and JSON: loading a checkpoint never
+executes code. Generations still hand weights over in memory; these files are for resuming and
+exporting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import re
+import shutil
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from ke_tf import atomic, faults
+from ke_tf.config import ConfigError, RunConfig
+
+DIR = "checkpoints"
+LAST = "last"
+STATE = "state.json"
+
+
+def generation_dir(run_dir: str, generation: int) -> str:
+    return os.path.join(run_dir, DIR, f"generation_{generation:03d}")
+
+
+def last_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, DIR, LAST)
+
+
+def variables_of(variables) -> Dict[str, np.ndarray]:
+    """{variable path: value} of `variables` (a list of Keras/TF variables); paths must be
+    unique, as they are in a functional model with unique layer names."""
+    out = {}
+    for v in variables:
+        key = getattr(v, "path", None) or v.name
+        if key in out:
+            raise ValueError(f"two variables share the path {key!r}: cannot checkpoint by path")
+        out[key] = np.asarray(v.numpy())
+    return out
+
+
+def assign(variables, values: Dict[str, np.ndarray], what: str) -> None:
+    """Assign `values` (from `variables_of`) back; every path and shape must match."""
+    variables = list(variables)
+    paths = [getattr(v, "path", None) or v.name for v in variables]
+    if sorted(paths) != sorted(values):
+        missing = sorted(set(paths) - set(values))[:3]
+        extra = sorted(set(values) - set(paths))[:3]
+        raise ConfigError(f"the checkpoint's {what} does not fit this network (missing "
+                          f"{missing}, unexpected {extra}): was it written by other flags?")
+    for path, var in zip(paths, variables):
+        value = values[path]
+        if tuple(value.shape) != tuple(var.shape):
+            raise ConfigError(f"the checkpoint's {what} has {path} of shape {value.shape}, the "
+                              f"network {tuple(var.shape)}")
+        var.assign(value.astype(var.dtype.name if hasattr(var.dtype, "name") else var.dtype))
+
+
+def save(path: str, state: dict, arrays: Dict[str, Dict[str, np.ndarray]]) -> None:
+    """Write `state` (JSON) and each group of `arrays` (`<group>.npz`) as one directory, whole
+    or not at all. A full disk raises ConfigError (exit 2) and leaves the previous one intact."""
+    try:
+        with atomic.atomic_dir(path) as tmp:
+            for group, values in arrays.items():
+                np.savez(os.path.join(tmp, f"{group}.npz"), **values)
+            with open(os.path.join(tmp, STATE), "w") as f:
+                json.dump(state, f, indent=1, sort_keys=True)
+            faults.point("checkpoint")
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConfigError(f"no space left on the device while writing the checkpoint {path} "
+                              f"({err.strerror}); the previous checkpoint is intact: free some "
+                              "space and run the same command again to resume") from err
+        raise
+
+
+def load(path: str) -> Tuple[dict, Dict[str, Dict[str, np.ndarray]]]:
+    """(state, {group: {key: array}}) of a checkpoint directory written by `save`."""
+    state_path = os.path.join(path, STATE)
+    if not os.path.isfile(state_path):
+        raise ConfigError(f"{path} holds no checkpoint (no {STATE})")
+    with open(state_path) as f:
+        state = json.load(f)
+    arrays = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".npz"):
+            with np.load(os.path.join(path, name), allow_pickle=False) as npz:
+                arrays[name[:-len(".npz")]] = {k: npz[k] for k in npz.files}
+    return state, arrays
+
+
+def clean(run_dir: str) -> None:
+    """After a crash: remove half-written temporary files and directories (`.tmp-*`) of the run,
+    and if the crash fell between the two renames that replace `last`, put it back."""
+    root = os.path.join(run_dir, DIR)
+    for directory in (run_dir, root, os.path.join(run_dir, "export")):
+        if not os.path.isdir(directory):
+            continue
+        for name in os.listdir(directory):
+            path = os.path.join(directory, name)
+            if name.startswith(".old-") and directory == root and not os.path.isdir(
+                    last_dir(run_dir)) and os.path.isfile(os.path.join(path, STATE)):
+                os.replace(path, last_dir(run_dir))
+            elif name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+
+
+def kept_generations(run_dir: str) -> list:
+    """The finished generations whose checkpoints are on disk, ascending."""
+    root = os.path.join(run_dir, DIR)
+    found = [re.fullmatch(r"generation_(\d{3,})", n) for n in
+             (os.listdir(root) if os.path.isdir(root) else [])]
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def prune(run_dir: str, keep: Optional[int]) -> None:
+    """Delete all but the `keep` most recent generation checkpoints (None: keep all)."""
+    if keep is None:
+        return
+    for g in kept_generations(run_dir)[:-keep]:
+        shutil.rmtree(generation_dir(run_dir, g), ignore_errors=True)
+
+
+@dataclasses.dataclass
+class Loaded:
+    """The networks of one finished generation, rebuilt from a run directory."""
+
+    nets: Dict[str, "object"]  # "dense" and/or "slim" -> keras.Model (float32, inference)
+    generation: int
+    class_names: Tuple[str, ...]
+    output_name: str  # "logits" or "embeddings"
+    config: RunConfig
+
+
+def load_networks(run_dir: str, generation: Optional[int] = None) -> Loaded:
+    """Rebuild the dense and slim networks of `generation` (default: the last kept one) of the
+    run in `run_dir` from its config.json and `checkpoints/generation_NNN/`; no data needed."""
+    from ke_tf import masks as masks_lib, networks, slim  # keras: only when loading
+
+    config_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"{run_dir} holds no run (no config.json)")
+    with open(config_path) as f:
+        config = RunConfig.from_flags(json.load(f))
+    kept = kept_generations(run_dir)
+    if not kept:
+        raise ConfigError(f"{run_dir} has no finished generation with a checkpoint (looked in "
+                          f"{os.path.join(run_dir, DIR)})")
+    if generation is None:
+        generation = kept[-1]
+    if generation not in kept:
+        raise ConfigError(f"--generation={generation}: {run_dir} keeps the checkpoints of "
+                          f"generations {', '.join(map(str, kept))}")
+    state, arrays = load(generation_dir(run_dir, generation))
+    m, size = config.model, config.data.image_size
+    dense = networks.build(m.arch, state["num_classes"], size, stem=m.stem, head=m.head,
+                           embedding_dim=m.embedding_dim, width_multiplier=m.width_multiplier)
+    nets = {}
+    if "dense" in arrays:
+        assign(dense.variables, arrays["dense"], "dense network")
+        nets["dense"] = dense
+    if "slim" in arrays:
+        kels = arrays.get("masks") if config.method != "slim_scratch" else None
+        kels = kels or masks_lib.compute(dense, "kels", config.split.split_rate)
+        net = slim.architecture(dense, kels)
+        assign(net.variables, arrays["slim"], "slim network")
+        nets["slim"] = net
+    return Loaded(nets=nets, generation=generation, class_names=tuple(state["class_names"]),
+                  output_name=state["output_name"], config=config)

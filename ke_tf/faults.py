@@ -1,0 +1,58 @@
+"""Fault injection, for the crash tests: die or fail at a named point of a run, on purpose.
+
+`KE_TF_FAULT="<action>:<point>[:<n>]"` makes the n-th passage (default: the first) through
+`point(<point>)` either SIGKILL this process (action `kill`: no cleanup, no exception handler,
+exactly like a crash or the OOM killer) or raise a full-disk `OSError` (action `enospc`).
+Unset (always, outside tests), `point` costs one dictionary lookup.
+
+Points of a run: `batch` (after a training batch: mid-epoch), `epoch` (after an epoch's
+checkpoint), `evaluated` (a generation boundary: evaluated and checkpointed, not yet
+re-initialized), `export` (between the dense and the slim export), `checkpoint` (inside the
+temporary directory of a checkpoint being written).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from typing import Dict
+
+import keras
+
+ENV = "KE_TF_FAULT"
+_passages: Dict[str, int] = {}
+
+
+def _spec():
+    spec = os.environ.get(ENV)
+    if not spec:
+        return None
+    action, point_name, *n = spec.split(":")
+    if action not in ("kill", "enospc") or len(n) > 1:
+        raise ValueError(f"{ENV} must be kill|enospc:<point>[:<n>]. Received: {spec!r}")
+    return action, point_name, int(n[0]) if n else 1
+
+
+def point(name: str) -> None:
+    """Mark passage through `name`; dies or fails here if KE_TF_FAULT says so."""
+    spec = _spec()
+    if spec is None or spec[1] != name:
+        return
+    _passages[name] = _passages.get(name, 0) + 1
+    if _passages[name] != spec[2]:
+        return
+    if spec[0] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def active(name: str) -> bool:
+    spec = _spec()
+    return spec is not None and spec[1] == name
+
+
+class BatchFaults(keras.callbacks.Callback):
+    """`point("batch")` after every training batch (added to `fit` only when it is armed)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        point("batch")
