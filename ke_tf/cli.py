@@ -11,14 +11,14 @@ import os
 import re
 import sys
 import tempfile
-from typing import Callable, List
+from typing import Callable, List, Sequence
 
 # TensorFlow's C++ INFO and WARNING lines drown the progress output; errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from ke_tf.config import ConfigError  # noqa: E402
+from ke_tf.config import ConfigError, RunError  # noqa: E402
 
 USAGE_ERROR = 2
 
@@ -67,12 +67,20 @@ def _parse_flags(argv: List[str]) -> List[str]:
         sys.exit(USAGE_ERROR)
 
 
-def run(main: Callable[[List[str]], None], argv: List[str] | None = None) -> None:
-    """`absl.app.run(main)` where flag errors and ConfigError exit 2 with one clear line."""
+def run(main: Callable[[List[str]], None], argv: List[str] | None = None,
+        positional: Sequence[str] = ()) -> None:
+    """`absl.app.run(main)` where flag errors and ConfigError exit 2 with one clear line.
+    `positional`: the names of the positional arguments `main` takes (none by default); `main`
+    gets them as `args[1:]`, and a missing or extra one exits 2."""
 
     def guarded(args: List[str]) -> None:
-        if len(args) > 1:
-            sys.stderr.write(f"error: unexpected positional arguments: {' '.join(args[1:])}\n")
+        if len(args) > 1 + len(positional):
+            extra = args[1 + len(positional):]
+            sys.stderr.write(f"error: unexpected positional arguments: {' '.join(extra)}\n")
+            sys.exit(USAGE_ERROR)
+        if len(args) < 1 + len(positional):
+            missing = positional[len(args) - 1:]
+            sys.stderr.write(f"error: missing positional arguments: {' '.join(missing)}\n")
             sys.exit(USAGE_ERROR)
         if not flags.FLAGS["verbosity"].present:  # TensorFlow's INFO lines (SavedModel writing...)
             logging.set_verbosity(logging.WARNING)
@@ -81,6 +89,9 @@ def run(main: Callable[[List[str]], None], argv: List[str] | None = None) -> Non
         except ConfigError as err:
             sys.stderr.write(f"error: {err}\n")
             sys.exit(USAGE_ERROR)
+        except RunError as err:
+            sys.stderr.write(f"error: {err}\n")
+            sys.exit(1)
 
     app.run(guarded, argv=argv, flags_parser=_parse_flags)
 

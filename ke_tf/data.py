@@ -63,7 +63,6 @@ TFDS_SPLITS = {
     "cars196": ("train", "test"),
 }
 # Leading bytes of the formats tf.io.decode_image reads: JPEG, PNG, GIF, BMP.
-IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
 
 
 class DataError(ConfigError):
@@ -83,6 +82,8 @@ class DatasetInfo:
     # The classes of `test`: task="metric" has its own (disjoint) ones; else the same as train's.
     num_test_classes: int
     test_class_names: tuple[str, ...]
+    # folder datasets with skip_corrupt_images: the files left out (else always empty)
+    skipped_files: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +203,7 @@ class _Source:
     decode: Callable[[tf.Tensor], tf.Tensor]
     side: int
     augment: Augment
+    skipped: tuple = ()  # files left out as corrupt (folder datasets, skip_corrupt_images)
 
 
 # Metric learning: the first n classes of the source train, the others test.
@@ -258,7 +260,8 @@ def _digits(cfg: DataConfig):
     return _Source(names, splits, decode, size, DIGITS)
 
 
-def _natural(class_names, splits, cfg: DataConfig, paths: bool = False) -> _Source:
+def _natural(class_names, splits, cfg: DataConfig, paths: bool = False,
+             skipped: tuple = ()) -> _Source:
     """Encoded JPEG/PNG/GIF/BMP images (read from files if `paths`), decoded to RGB and resized
     to the eval side."""
     side = eval_side(cfg.image_size)
@@ -268,7 +271,7 @@ def _natural(class_names, splits, cfg: DataConfig, paths: bool = False) -> _Sour
         image = tf.io.decode_image(raw, channels=3, expand_animations=False)
         return resize_shorter_side(image, side)
 
-    return _Source(tuple(class_names), splits, decode, side, NATURAL)
+    return _Source(tuple(class_names), splits, decode, side, NATURAL, tuple(skipped))
 
 
 def _folder(cfg: DataConfig):
@@ -289,12 +292,14 @@ def _folder(cfg: DataConfig):
             raise DataError(f"{flag} with --task=metric: {root}/train and {root}/test share "
                             f"classes ({', '.join(shared[:5])}); metric learning needs "
                             f"class-disjoint train and test classes")
-        pools = {}
+        pools, skipped = {}, []
         for split in ("train", "test"):
             names = _class_dirs(os.path.join(root, split))
-            pools[split] = _Pool(*_images(os.path.join(root, split), names, flag), tuple(names))
-        return _natural(classes, pools, cfg, paths=True)
-    splits = {}
+            files, labels = _images(os.path.join(root, split), names, flag,
+                                    cfg.skip_corrupt_images, skipped)
+            pools[split] = _Pool(files, labels, tuple(names))
+        return _natural(classes, pools, cfg, paths=True, skipped=skipped)
+    splits, skipped = {}, []
     for split in ("train", "val", "test"):
         split_dir = os.path.join(root, split)
         if not os.path.isdir(split_dir):
@@ -303,11 +308,11 @@ def _folder(cfg: DataConfig):
         if unknown:
             raise DataError(f"{flag}: {split_dir} has classes that {root}/train lacks: "
                             f"{', '.join(unknown)}")
-        files, labels = _images(split_dir, classes, flag)
+        files, labels = _images(split_dir, classes, flag, cfg.skip_corrupt_images, skipped)
         ds = tf.data.Dataset.from_tensor_slices((files, labels))
         ds = ds.map(lambda p, y: (tf.io.read_file(p), y), num_parallel_calls=AUTOTUNE)
         splits[split] = (ds, len(files))
-    return _natural(classes, splits, cfg)
+    return _natural(classes, splits, cfg, skipped=skipped)
 
 
 def _class_dirs(split_dir: str) -> list[str]:
@@ -315,27 +320,52 @@ def _class_dirs(split_dir: str) -> list[str]:
                   if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d)))
 
 
-def _images(split_dir: str, classes, flag: str) -> tuple[np.ndarray, np.ndarray]:
+def _images(split_dir: str, classes, flag: str, skip_corrupt: bool = False,
+            skipped: Optional[list] = None) -> tuple[np.ndarray, np.ndarray]:
     """The image files of split_dir/<class> and their int32 labels (indices into `classes`),
-    in a fixed order that mixes the classes."""
+    in a fixed order that mixes the classes. A corrupt or non-image file stops the run with a
+    DataError naming it, or with `skip_corrupt` is left out and appended to `skipped`."""
     files, labels = [], []
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
         names = sorted(os.listdir(class_dir)) if os.path.isdir(class_dir) else []
         paths = [os.path.join(class_dir, f) for f in names if not f.startswith(".")]
-        paths = [p for p in paths if os.path.isfile(p)]
-        files += paths
-        labels += [label] * len(paths)
+        for path in (p for p in paths if os.path.isfile(p)):
+            problem = image_problem(path)
+            if problem and not skip_corrupt:
+                raise DataError(f"{flag}: {path} is {problem}; remove it or pass "
+                                "--skip_corrupt_images")
+            if problem:
+                skipped.append(path)
+            else:
+                files.append(path)
+                labels.append(label)
     if not files:
         raise DataError(f"{flag}: {split_dir} holds no images (expected "
                         f"{split_dir}/<class>/<image>)")
-    for path in files:
-        with open(path, "rb") as f:
-            head = f.read(8)
-        if not head.startswith(IMAGE_MAGIC):
-            raise DataError(f"{flag}: {path} is not a JPEG, PNG, GIF or BMP image")
     order = np.random.RandomState(0).permutation(len(files))  # classes mixed, fixed
     return np.array(files)[order], np.array(labels, np.int32)[order]
+
+
+def image_problem(path: str) -> Optional[str]:
+    """Why `path` is not a readable image (None if it looks whole): an unknown format, or a
+    JPEG/PNG/GIF/BMP cut short (a partial download or copy), checked from its first and last
+    bytes without decoding."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        f.seek(max(0, size - 1024))
+        tail = f.read()
+    if head.startswith(b"\xff\xd8\xff"):
+        return None if b"\xff\xd9" in tail[-1024:] else "a truncated JPEG (no end-of-image marker)"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None if tail.endswith(b"IEND\xaeB`\x82") else "a truncated PNG (no IEND chunk)"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return None if tail.rstrip(b"\0").endswith(b";") else "a truncated GIF (no trailer)"
+    if head.startswith(b"BM") and len(head) >= 6:
+        declared = int.from_bytes(head[2:6], "little")
+        return None if size >= declared else f"a truncated BMP ({size} of {declared} bytes)"
+    return "not a JPEG, PNG, GIF or BMP image"
 
 
 def _tfds(cfg: DataConfig):
@@ -484,7 +514,7 @@ def load(cfg: DataConfig) -> Data:
         name=cfg.dataset, num_classes=len(names), class_names=names,
         image_size=size, num_train=counts["train"], num_test=counts["test"],
         num_val=counts.get("val", 0), has_val="val" in counts,
-        num_test_classes=len(names), test_class_names=names)
+        num_test_classes=len(names), test_class_names=names, skipped_files=src.skipped)
     return Data(info=info, train_from=train_from, steps_per_epoch=steps,
                 train_plain=_evaluation(decoded["train"], cfg),
                 val=_evaluation(decoded["val"], cfg) if "val" in decoded else None,
@@ -625,7 +655,8 @@ def _metric(cfg: DataConfig, src: _Source) -> Data:
     info = DatasetInfo(
         name=cfg.dataset, num_classes=len(train.class_names), class_names=train.class_names,
         image_size=cfg.image_size, num_train=n_train, num_test=n_test, num_val=0, has_val=False,
-        num_test_classes=len(test.class_names), test_class_names=test.class_names)
+        num_test_classes=len(test.class_names), test_class_names=test.class_names,
+        skipped_files=src.skipped)
     return Data(info=info, train_from=lambda first: pk(first).prefetch(AUTOTUNE),
                 steps_per_epoch=steps, train_plain=_evaluation(plain, cfg),
                 val=None, test=_evaluation(test_ds.cache() if cache_test else test_ds, cfg))

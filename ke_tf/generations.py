@@ -84,6 +84,9 @@ class GenerationRunner:
         self.data = data if data is not None else data_lib.load(config.data)
         self.task = tasks.TASKS[config.data.task]
         info = self.data.info
+        if info.skipped_files and verbose:
+            print(f"--skip_corrupt_images: left out {len(info.skipped_files)} corrupt or "
+                  f"non-image files, e.g. {info.skipped_files[0]}")
         self.generations, self.epochs = methods.schedule(config)
         if config.deterministic:  # bit-identical reruns and resumes (TensorFlow op determinism)
             tf.config.experimental.enable_op_determinism()

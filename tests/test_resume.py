@@ -1,0 +1,178 @@
+"""Crashes and resumes with real processes: `python -m ke_tf.main` killed with SIGKILL at chosen
+instants (ke_tf.faults), then run again with the same flags, must end exactly where a run that
+never stopped ends (with --deterministic): same results.csv, same masks.npz bytes, one row per
+generation and network, nothing half-written left behind."""
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ke_tf import checkpoint
+from ke_tf import config as C
+
+TINY = ["--image_size=16", "--width_multiplier=0.0625", "--generations=2", "--epochs=3",
+        "--batch_size=20", "--digits_per_class=4", "--deterministic", "--quiet"]
+KELS = TINY + ["--split_mode=kels", "--split_rate=0.5"]
+WELS_RAND = TINY + ["--split_mode=wels", "--split_rate=0.5", "--wels_rand", "--noexport"]
+
+
+def ke_main(run_dir, flags, fault=None, timeout=300):
+    env = dict(os.environ)
+    env.pop("KE_TF_FAULT", None)
+    if fault:
+        env["KE_TF_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "ke_tf.main", f"--run_dir={run_dir}"] + flags,
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def results(run_dir):
+    """results.csv without the wall-clock column."""
+    with open(os.path.join(run_dir, "results.csv")) as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def leftovers(run_dir):
+    return [os.path.join(d, n) for d, dirs, files in os.walk(run_dir) for n in dirs + files
+            if n.startswith((".tmp-", ".old-"))]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs: {name: run_dir}."""
+    out = {}
+    for name, flags in (("kels", KELS), ("wels_rand", WELS_RAND)):
+        run_dir = str(tmp_path_factory.mktemp(f"reference_{name}"))
+        proc = ke_main(run_dir, flags)
+        assert proc.returncode == 0, proc.stderr
+        out[name] = run_dir
+    return out
+
+
+# (flags, fault): every instant of the issue. 40 images / batch 20 = 2 batches per epoch.
+KILLS = {
+    "mid_epoch": ("kels", "kill:batch:3"),  # first batch of epoch 2 done, epoch 2 unfinished
+    "after_epoch": ("kels", "kill:epoch:2"),  # just after epoch 2's checkpoint
+    "generation_boundary": ("kels", "kill:evaluated:1"),  # evaluated, not yet re-initialized
+    "during_export": ("kels", "kill:export:1"),  # dense exported, slim not yet
+    "inside_checkpoint_write": ("kels", "kill:checkpoint:4"),  # writing generation_001
+    "wels_rand_second_generation": ("wels_rand", "kill:epoch:4"),  # masks re-drawn, restored
+}
+
+
+@pytest.mark.parametrize("instant", sorted(KILLS))
+def test_killed_run_resumes_to_the_uninterrupted_result(instant, reference, tmp_path):
+    name, fault = KILLS[instant]
+    flags = KELS if name == "kels" else WELS_RAND
+    run_dir = str(tmp_path / "run")
+    killed = ke_main(run_dir, flags, fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not os.path.exists(os.path.join(run_dir, "export", "slim"))  # it did not finish
+
+    resumed = ke_main(run_dir, flags)
+    assert resumed.returncode == 0, resumed.stderr
+    ref = reference[name]
+    rows = results(run_dir)
+    assert rows == results(ref)  # --deterministic: the same accuracies, to the last digit
+    nets = ("dense", "slim", "slim_recal") if name == "kels" else ("dense",)
+    assert [(r["generation"], r["net"]) for r in rows] == [
+        (str(g), n) for g in (1, 2) for n in nets]  # one row per generation and network
+    assert digest(os.path.join(run_dir, "masks.npz")) == digest(os.path.join(ref, "masks.npz"))
+    assert checkpoint.kept_generations(run_dir) == [1, 2]
+    if name == "kels":
+        for net in ("dense", "slim"):
+            assert os.path.isfile(os.path.join(run_dir, "export", net, "saved_model.pb"))
+    assert leftovers(run_dir) == []
+
+
+def test_resume_restores_masks_and_weights_exactly(reference, tmp_path):
+    """The checkpoint of generation 2 of a killed-and-resumed WELS-Rand run holds the very
+    arrays of the uninterrupted run's."""
+    run_dir = str(tmp_path / "run")
+    assert ke_main(run_dir, WELS_RAND, "kill:epoch:4").returncode == -signal.SIGKILL
+    _, partial = checkpoint.load(checkpoint.last_dir(run_dir))
+    _, ref_g1 = checkpoint.load(checkpoint.generation_dir(reference["wels_rand"], 1))
+    _, ref_g2 = checkpoint.load(checkpoint.generation_dir(reference["wels_rand"], 2))
+    # WELS-Rand: generation 2 trains with a new random mask; the checkpoint holds it
+    assert any((partial["masks"][k] != ref_g1["masks"][k]).any() for k in ref_g1["masks"])
+    assert all((partial["masks"][k] == ref_g2["masks"][k]).all() for k in ref_g2["masks"])
+    assert ke_main(run_dir, WELS_RAND).returncode == 0
+    _, mine = checkpoint.load(checkpoint.generation_dir(run_dir, 2))
+    for key, value in ref_g2["dense"].items():
+        np.testing.assert_array_equal(mine["dense"][key], value)
+
+
+def test_finished_run_is_left_as_it_is(reference):
+    run_dir = reference["kels"]
+    before = digest(os.path.join(run_dir, "results.csv"))
+    proc = ke_main(run_dir, [f for f in KELS if f != "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    assert "finished run" in proc.stdout
+    assert digest(os.path.join(run_dir, "results.csv")) == before
+
+
+def test_other_flags_are_refused_with_the_differences(reference):
+    run_dir = reference["kels"]
+    proc = ke_main(run_dir, KELS + ["--lr=0.1", "--epochs=4"])
+    assert proc.returncode == 2
+    assert "--epochs: 3 -> 4" in proc.stderr and "--lr: 0.05 -> 0.1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    with open(os.path.join(run_dir, "config.json")) as f:
+        assert json.load(f)["lr"] == 0.05  # untouched
+
+
+def test_nan_loss_stops_with_status_1_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = ke_main(run_dir, KELS, "nan:batch:3")  # weights poisoned during epoch 2
+    assert proc.returncode == 1, proc.stderr
+    assert "generation 1, epoch 2: training diverged (loss=nan" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    state, arrays = checkpoint.load(checkpoint.last_dir(run_dir))
+    assert (state["generation"], state["epoch"]) == (1, 1)
+    assert all(np.isfinite(v).all() for v in arrays["network"].values())
+    assert leftovers(run_dir) == []
+
+
+def test_full_disk_while_checkpointing_exits_2_and_keeps_the_previous_checkpoint(tmp_path):
+    run_dir = str(tmp_path / "run")
+    proc = ke_main(run_dir, KELS, "enospc:checkpoint:2")  # the second epoch's checkpoint
+    assert proc.returncode == 2, proc.stderr
+    assert "no space left on the device while writing the checkpoint" in proc.stderr
+    state, _ = checkpoint.load(checkpoint.last_dir(run_dir))
+    assert (state["generation"], state["epoch"]) == (1, 1)
+    assert leftovers(run_dir) == []
+    assert ke_main(run_dir, KELS).returncode == 0  # space freed: the same command resumes
+
+
+def test_keep_generations_and_load_networks(tmp_path):
+    from ke_tf.generations import GenerationRunner
+
+    cfg = C.RunConfig(
+        data=C.DataConfig(dataset="digits", image_size=16, batch_size=20, digits_per_class=4,
+                          recal_images=20),
+        model=C.ModelConfig(width_multiplier=0.0625), split=C.SplitConfig(split_rate=0.5),
+        train=C.TrainConfig(generations=3, epochs=1, warmup_epochs=0), export=False,
+        run_dir=str(tmp_path), keep_generations=2)
+    runner = GenerationRunner(cfg, verbose=False)
+    runner.run()
+    assert checkpoint.kept_generations(str(tmp_path)) == [2, 3]
+    loaded = checkpoint.load_networks(str(tmp_path))
+    assert loaded.generation == 3 and loaded.class_names == tuple("0123456789")
+    assert loaded.output_name == "logits" and loaded.config == cfg
+    x = next(iter(runner.data.test))[0]
+    np.testing.assert_allclose(loaded.nets["dense"](x).numpy(),
+                               runner.nets["dense"](x).numpy(), atol=1e-5)
+    np.testing.assert_allclose(loaded.nets["slim"](x).numpy(),
+                               runner.nets["slim_recal"](x).numpy(), atol=1e-5)
+    with pytest.raises(C.ConfigError, match="keeps the checkpoints of generations 2, 3"):
+        checkpoint.load_networks(str(tmp_path), generation=1)
