@@ -21,6 +21,7 @@ setup(
         "requests==2.34.2",  # ke_tf.data checks a dataset's servers before tfds retries for minutes
         "numpy==2.4.6",
         "scikit-learn==1.9.1",
+        "matplotlib==3.11.2",  # tools/plot_generations.py
     ],
     extras_require={"test": ["pytest==9.2.0"]},
     entry_points={"console_scripts": ["ke-tf=ke_tf.main:run"]},

@@ -184,7 +184,8 @@ class GenerationRunner:
         if first_epoch == 0:
             model_lib.restart_optimizer(self.model.optimizer)
         callbacks = [model_lib.LearningRateSchedule(t.lr, self.epochs, t.warmup_epochs),
-                     monitor.epoch_callback(generation, self.generations, self.epochs),
+                     monitor.epoch_callback(generation, self.generations, self.epochs,
+                                            first_epoch=first_epoch),
                      _EpochCheckpoint(self, generation)]
         if faults.active("batch"):
             callbacks.append(faults.BatchFaults())
@@ -298,7 +299,7 @@ class GenerationRunner:
             return self.rows
         resume_g = state["generation"] if state else 1
         monitor = Monitor(os.path.join(run_dir, "tensorboard"), cfg.to_flags(),
-                          verbose=self.verbose)
+                          verbose=self.verbose, resumed=state is not None)
         try:
             for g in range(resume_g, self.generations + 1):
                 resuming = state is not None and g == resume_g
@@ -317,13 +318,13 @@ class GenerationRunner:
                         {"generation": g, "variable": k, "fit_mean_abs": float(f.mean()),
                          "reset_mean_abs": float(r.mean()) if r.size else ""}
                         for k, (f, r) in hyp.items()]
+                    monitor.log_generation(g, rows, self.task.columns, train, hyp)
                     self.save_generation(g)
                     self.save_checkpoint(g, self.epochs, evaluated=True)
                     results.write_csv(os.path.join(run_dir, results.RESULTS), self.rows,
                                       self.columns)
                     results.write_csv(os.path.join(run_dir, results.HYPOTHESES),
                                       self.hypotheses, results.HYPOTHESES_COLUMNS)
-                    monitor.log_generation(g, rows, self.task.columns, train, hyp)
                     monitor.print_table(self.rows, [c for c in self.columns if c not in
                                                     ("method", "split_mode", "split_rate", "macs")
                                                     and any(r[c] != "" for r in self.rows)])
@@ -371,3 +372,5 @@ class GenerationRunner:
             if net is not None:
                 export.save_saved_model(net, os.path.join(directory, name), self.task.output_name)
                 faults.point("export")
+        if self.task.output_name == "logits":
+            export.write_class_names(directory, self.data.info.class_names)

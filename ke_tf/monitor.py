@@ -4,19 +4,90 @@ Layout under `<run_dir>/tensorboard/`:
 - `generation_001/`, `generation_002/`, ...: per-epoch curves of each generation (loss, train
   top-1, learning rate), step = epoch within the generation;
 - `generations/`: one series indexed by generation (step = g): `<net>/<metric>` for every
-  network row of results.csv (dense, slim, slim_recal), `train/top1`, and the mean |w| of the
-  fit and reset hypotheses per layer (`fit/<layer>`, `reset/<layer>`, paper Fig. 7 and 15)
-  with histograms of both; the run's flags as text at step 0.
+  network row of results.csv (dense, slim, slim_recal; `test_top1`... or `recall_at_1`...),
+  `train/top1`, `train/loss`, and the mean |w| of the fit and reset hypotheses per layer
+  (`fit/<layer>`, `reset/<layer>`, paper Fig. 7 and 15) with histograms of both
+  (`hypotheses/fit`, `hypotheses/reset`); the run's flags as text (`flags`) at step 0;
+- the directory itself: the HParams plugin's data, one session per run: the flags that tell
+  runs apart (`HPARAMS`: method, split mode and rate, architecture, dataset...) and the metrics
+  to compare them by (`METRICS`, read from `generations/`), so that
+  `tensorboard --logdir runs/` lines up runs of different methods and split rates in one table.
+
+A resumed run (`Monitor(..., resumed=True)`) appends to the same directories without writing
+the flags and hparams again; `epoch_callback(..., first_epoch=k)` cuts the curve of a generation
+resumed after epoch k back to its first k epochs (what the checkpoint holds).
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorboard.compat.proto import event_pb2
+from tensorboard.plugins.hparams import api as hp
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+from ke_tf import config as C
+
+# The flags that tell runs apart in the HParams dashboard, with their domains.
+HPARAMS = (
+    hp.HParam("dataset"),
+    hp.HParam("task", hp.Discrete(list(C.TASKS))),
+    hp.HParam("arch", hp.Discrete(list(C.ARCHS))),
+    hp.HParam("width_multiplier", hp.RealInterval(0.0, 4.0)),
+    hp.HParam("image_size", hp.IntInterval(8, 1024)),
+    hp.HParam("method", hp.Discrete(list(C.METHODS))),
+    hp.HParam("split_mode", hp.Discrete(list(C.SPLIT_MODES))),
+    hp.HParam("split_rate", hp.RealInterval(0.0, 1.0)),
+    hp.HParam("evolve_mode", hp.Discrete(list(C.EVOLVE_MODES))),
+    hp.HParam("reset_init", hp.Discrete(list(C.RESET_INITS))),
+    hp.HParam("regularizer", hp.Discrete(list(C.REGULARIZERS))),
+    hp.HParam("generations", hp.IntInterval(1, 10000)),
+    hp.HParam("epochs"),
+    hp.HParam("lr"),
+    hp.HParam("weight_decay"),
+    hp.HParam("batch_size"),
+    hp.HParam("seed"),
+)
+_HPARAM_TYPES = {"dataset": str, "task": str, "arch": str, "width_multiplier": float,
+                 "image_size": int, "method": str, "split_mode": str, "split_rate": float,
+                 "evolve_mode": str, "reset_init": str, "regularizer": str, "generations": int,
+                 "epochs": int, "lr": float, "weight_decay": float, "batch_size": int, "seed": int}
+GENERATIONS_RUN = "generations"
+# The metrics of the HParams table: the last generation's value of these `generations/` series.
+# One list for both tasks (a dashboard mixes classification and metric-learning runs); a run
+# shows the ones it has.
+METRICS = tuple(
+    hp.Metric(f"{net}/{column}", group=GENERATIONS_RUN, display_name=f"{label} {name}")
+    for column, name in (("test_top1", "test top-1"), ("recall_at_1", "Recall@1"))
+    for net, label in (("dense", "N_g"), ("slim", "H_g"), ("slim_recal", "H_g recal."))
+) + (hp.Metric("train/top1", group=GENERATIONS_RUN, display_name="train top-1"),
+     hp.Metric("train/loss", group=GENERATIONS_RUN, display_name="train loss"))
+
+
+def experiment_summary():
+    """The HParams experiment (`HPARAMS`, `METRICS`) as a Summary proto. Unlike
+    `hp.hparams_config`, every hparam gets its type, those without a domain too (the UI filters
+    and sorts columns by type)."""
+    pb = hp.hparams_config_pb(hparams=list(HPARAMS), metrics=list(METRICS))
+    content = pb.value[0].metadata.plugin_data
+    data = plugin_data_pb2.HParamsPluginData.FromString(content.content)
+    for info in data.experiment.hparam_infos:
+        if info.type == api_pb2.DATA_TYPE_UNSET:
+            info.type = (api_pb2.DATA_TYPE_STRING if _HPARAM_TYPES[info.name] is str
+                         else api_pb2.DATA_TYPE_FLOAT64)
+    content.content = data.SerializeToString()
+    return pb
+
+
+def hparams_of(flags: Dict) -> Dict[str, object]:
+    """The `HPARAMS` values of a run's flags (config.json), typed; absent or None ones left out."""
+    return {name: kind(flags[name]) for name, kind in _HPARAM_TYPES.items()
+            if flags.get(name) is not None}
 
 
 class EpochProgress(keras.callbacks.Callback):
@@ -47,20 +118,66 @@ class EpochProgress(keras.callbacks.Callback):
                             finalize=epoch + 1 == self.epochs)
 
 
+def truncate_events(log_dir: str, last_step: int) -> None:
+    """Keep only the summaries of steps <= `last_step` in the event files of `log_dir` (one
+    file, under the name of the first); a record cut short by a crash ends its file."""
+    files = sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*")))
+    if not files:
+        return
+    kept = []
+    for path in files:
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                event = event_pb2.Event.FromString(record.numpy())
+                if not event.HasField("summary") or event.step <= last_step:
+                    kept.append(record.numpy())
+        except tf.errors.DataLossError:
+            pass
+    staged = os.path.join(log_dir, ".tmp-events")
+    with tf.io.TFRecordWriter(staged) as writer:
+        for record in kept:
+            writer.write(record)
+    os.replace(staged, files[0])
+    for path in files[1:]:
+        os.unlink(path)
+
+
 class Monitor:
     """TensorBoard writers of one run plus the console progress of its generations."""
 
-    def __init__(self, log_dir: str, flags: Dict, verbose: bool = True):
+    def __init__(self, log_dir: str, flags: Dict, verbose: bool = True, resumed: bool = False):
+        """`flags`: the run's flat flags (config.json). `resumed`: the run goes on in a log
+        directory that already holds its flags and hparams: they are not written again."""
         self.log_dir, self.verbose = log_dir, verbose
         os.makedirs(log_dir, exist_ok=True)
-        self.generations = tf.summary.create_file_writer(os.path.join(log_dir, "generations"))
-        with self.generations.as_default(step=0):
-            tf.summary.text("flags", "```\n" + json.dumps(flags, indent=1, sort_keys=True) + "\n```")
+        self.generations = tf.summary.create_file_writer(os.path.join(log_dir, GENERATIONS_RUN))
         self._writers: List = [self.generations]
+        if not resumed:
+            self._write_flags(flags)
 
-    def epoch_callback(self, generation: int, generations: int, epochs: int) -> EpochProgress:
-        writer = tf.summary.create_file_writer(
-            os.path.join(self.log_dir, f"generation_{generation:03d}"))
+    def _write_flags(self, flags: Dict) -> None:
+        with self.generations.as_default(step=0):
+            text = json.dumps(flags, indent=1, sort_keys=True)
+            tf.summary.text("flags", f"```\n{text}\n```")
+        self.generations.flush()
+        session = tf.summary.create_file_writer(self.log_dir)
+        try:
+            with session.as_default(step=0):
+                tf.summary.experimental.write_raw_pb(experiment_summary().SerializeToString(), 0)
+                hp.hparams(hparams_of(flags))
+        finally:
+            session.close()
+
+    def epoch_callback(self, generation: int, generations: int, epochs: int,
+                       first_epoch: Optional[int] = None) -> EpochProgress:
+        """The callback of generation `generation`'s fit. `first_epoch`: where training of this
+        generation starts (a resumed run: the epochs its checkpoint holds); the generation's
+        curve is cut back to those epochs first, so epochs logged after the checkpoint and
+        trained again are not drawn twice. None: append to whatever is there."""
+        log_dir = os.path.join(self.log_dir, f"generation_{generation:03d}")
+        if first_epoch is not None:
+            truncate_events(log_dir, first_epoch)
+        writer = tf.summary.create_file_writer(log_dir)
         self._writers.append(writer)
         return EpochProgress(writer, generation, generations, epochs, self.verbose)
 
@@ -104,3 +221,4 @@ class Monitor:
     def close(self) -> None:
         for w in self._writers:
             w.close()
+        self._writers = []
