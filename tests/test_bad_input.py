@@ -1,0 +1,111 @@
+"""Bad input, each case through the real command line: exit status 2, one message naming the flag
+or file, no traceback, nothing written. The README's bad-input table shows every message; this
+test keeps the two in step."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--image_size=16", "--width_multiplier=0.0625", "--generations=1", "--epochs=1",
+        "--quiet"]
+
+
+def png(path, size=20):
+    import tensorflow as tf
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = tf.io.encode_png(np.full((size, size, 3), 128, np.uint8)).numpy()
+    with open(path, "wb") as f:
+        f.write(data)
+    return data
+
+
+def folder(root, corrupt=False, per_class=3, classes=("a", "b")):
+    for split in ("train", "test"):
+        for c in classes:
+            for i in range(per_class):
+                data = png(os.path.join(root, split, c, f"{i}.png"))
+    if corrupt:
+        with open(os.path.join(root, "train", "a", "broken.png"), "wb") as f:
+            f.write(data[: len(data) // 2])  # a copy cut short
+    return root
+
+
+def metric_folder(root):
+    for split, classes in (("train", {"a": 3, "b": 1}), ("test", {"x": 2, "y": 2})):
+        for c, n in classes.items():
+            for i in range(n):
+                png(os.path.join(root, split, c, f"{i}.png"))
+    return root
+
+
+# id: (arguments (tmp = the test's directory), message fragment shown in stderr and README)
+CASES = {
+    "out_of_range": (["--split_rate=1.5"], "--split_rate must be in (0, 1]. Received: split_rate=1.5"),
+    "below_bound": (["--epochs=0"], "flag --epochs=0: 0 is not a positive integer"),
+    "inconsistent": (["--wels_rand"], "--wels_rand needs --split_mode=wels. Received: wels_rand=True"),
+    "warmup": (["--epochs=5", "--warmup_epochs=5"],
+               "--warmup_epochs must be in [0, --epochs) = [0, 5). Received: warmup_epochs=5"),
+    "unknown_dataset": (["--dataset=imagenet"], "--dataset must be one of digits, "
+                        "oxford_flowers102, caltech_birds2011, stanford_dogs, cars196 or "
+                        "folder:PATH. Received: dataset='imagenet'"),
+    "unknown_arch": (["--arch=resnet9"], "flag --arch=resnet9: value should be one of "
+                     "<resnet18|resnet34|resnet50|vgg11_bn|densenet121|densenet169|googlenet>"),
+    "missing_folder": (["--dataset=folder:{tmp}/nowhere"], "/nowhere/train is not a directory; "
+                       "expected"),
+    "missing_data_dir": (["--dataset=oxford_flowers102", "--data_dir={tmp}/tfds"],
+                         "/tfds does not exist (it holds the tfds datasets, "
+                         "<data_dir>/oxford_flowers102/<version>/)"),
+    "corrupt_image": (["--dataset=folder:{corrupt}", "--batch_size=4"],
+                      "/train/a/broken.png is a truncated PNG (no IEND chunk); remove it or "
+                      "pass --skip_corrupt_images"),
+    "fewer_than_k": (["--dataset=folder:{metric}", "--task=metric", "--p_classes=2",
+                      "--k_images=2", "--batch_size=4"],
+                     "--k_images=2: training class 'b' of --dataset=folder:"),
+    "image_too_small": (["--arch=vgg11_bn", "--image_size=16"],
+                        "--image_size must be >= 32 for --arch=vgg11_bn with the small stem. "
+                        "Received: image_size=16"),
+    "unwritable_run_dir": (["--run_dir={tmp}/a_file/run"], "--run_dir is not writable: "),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_exits_2_names_the_problem_and_writes_nothing(case, tmp_path):
+    args, message = CASES[case]
+    tmp = str(tmp_path)
+    paths = {"tmp": tmp}
+    if any("{corrupt}" in a for a in args):
+        paths["corrupt"] = folder(os.path.join(tmp, "images"), corrupt=True)
+    if any("{metric}" in a for a in args):
+        paths["metric"] = metric_folder(os.path.join(tmp, "images"))
+    (tmp_path / "a_file").write_text("not a directory")
+    before = sorted(os.listdir(tmp))
+    args = [a.format(**paths) for a in args]
+    if not any(a.startswith("--run_dir=") for a in args):
+        args.append(f"--run_dir={tmp}/run")
+    proc = subprocess.run([sys.executable, "-m", "ke_tf.main"] + TINY + args, cwd=tmp,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert sorted(os.listdir(tmp)) == before  # nothing written: no run directory, no file
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert message in f.read().replace("\\|", "|"), f"the README lacks: {message}"
+
+
+def test_skip_corrupt_images_leaves_out_and_counts_them(tmp_path):
+    from ke_tf import data
+    from ke_tf.config import DataConfig
+
+    root = folder(str(tmp_path / "images"), corrupt=True)
+    with open(os.path.join(root, "test", "b", "notes.txt"), "w") as f:
+        f.write("not an image")
+    d = data.load(DataConfig(dataset=f"folder:{root}", image_size=16, batch_size=4,
+                             skip_corrupt_images=True))
+    assert (d.info.num_train, d.info.num_test) == (6, 6)
+    assert sorted(os.path.basename(p) for p in d.info.skipped_files) == ["broken.png",
+                                                                          "notes.txt"]
+    assert data.image_problem(os.path.join(root, "train", "a", "0.png")) is None
