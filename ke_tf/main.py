@@ -24,9 +24,8 @@ from ke_tf import config as C  # noqa: E402
 TOPICS = ("data", "network", "split", "method", "training", "execution", "run")
 DATA, NETWORK, SPLIT, METHOD, TRAINING, EXECUTION, RUN = (f"ke_tf {t}" for t in TOPICS)
 
-flags.DEFINE_string("dataset", "digits", "digits (embedded, offline), a tfds name ("
-                    + ", ".join(C.PAPER_DATASETS) + ") or folder:PATH (PATH/{train,test[,val]}"
-                    "/<class>/*).", module_name=DATA)
+flags.DEFINE_string("dataset", "digits", "digits (embedded, offline), a tfds dataset of the paper "
+                    "or folder:PATH (PATH/{train,test[,val]}/<class>/*).", module_name=DATA)
 flags.DEFINE_string("data_dir", None, "tfds data directory [default: ~/tensorflow_datasets].",
                     module_name=DATA)
 flags.DEFINE_string("manual_dir", None, "Directory of manually downloaded tfds archives.",
@@ -36,7 +35,7 @@ flags.DEFINE_boolean("skip_corrupt_images", False, "folder:PATH: skip (and count
 flags.DEFINE_integer("image_size", None, "Square input side in pixels [default: 32 digits, 224 "
                      "otherwise].", lower_bound=8, upper_bound=1024, module_name=DATA)
 flags.DEFINE_enum("task", "classification", C.TASKS, "classification (top-1/top-5) or metric "
-                  "(embeddings, triplet loss, Recall@K, NMI; sec. 4.2).", module_name=DATA)
+                  "(triplet loss, Recall@K, NMI; sec. 4.2).", module_name=DATA)
 flags.DEFINE_integer("batch_size", None, "Training batch size [default: 32 (paper), 25 digits; "
                      "P*K with --task=metric].", lower_bound=1, module_name=DATA)
 flags.DEFINE_integer("p_classes", None, "--task=metric: classes per batch P [default: 25 (paper), "
@@ -49,8 +48,8 @@ flags.DEFINE_integer("recal_images", 512, "Training images that re-estimate the 
                      "BatchNorm statistics.", lower_bound=1, module_name=DATA)
 
 flags.DEFINE_enum("arch", "resnet18", C.ARCHS, "Architecture.", module_name=NETWORK)
-flags.DEFINE_enum("stem", None, C.STEMS, "imagenet (7x7/2 conv + max-pool) or small (3x3/1 "
-                  "conv) [default: small for images <= 64 px].", module_name=NETWORK)
+flags.DEFINE_enum("stem", None, C.STEMS, "imagenet (7x7/2 conv + max-pool) or small (3x3 "
+                  "conv) [default: small <= 64 px].", module_name=NETWORK)
 flags.DEFINE_integer("embedding_dim", 128, "--task=metric: embedding size (paper: 128).",
                      lower_bound=2, module_name=NETWORK)
 flags.DEFINE_float("width_multiplier", None, "Scales every internal channel count [default: "
@@ -70,8 +69,8 @@ flags.DEFINE_boolean("fix_reset_seed", False, "The same random reset values in e
 flags.DEFINE_enum("reset_init", "layer", C.RESET_INITS, "Reset draws from the layer's own "
                   "initializer, or PyTorch's default.", module_name=SPLIT)
 
-flags.DEFINE_enum("method", "ke", C.METHODS, "ke (Knowledge Evolution), dsd, llf, dnr, long or "
-                  "slim_scratch: see the README's methods table.", module_name=METHOD)
+flags.DEFINE_enum("method", "ke", C.METHODS, "ke, or a method KE is compared with (README: "
+                  "Methods to compare with).", module_name=METHOD)
 flags.DEFINE_float("dsd_sparsity", 0.3, "--method=dsd: share of each kernel held at zero in the "
                    "sparse generations.", module_name=METHOD)
 flags.DEFINE_float("dnr_data_fraction", 0.2, "--method=dnr: share of the training images that "

@@ -123,3 +123,26 @@ def test_missing_tfds_data_offline_is_one_clear_message(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "--manual_dir" in proc.stderr and str(data_dir) in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_helpfull_groups_the_flags_by_topic_with_short_help():
+    from ke_tf import main
+
+    proc = subprocess.run([sys.executable, "-m", "ke_tf.main", "--helpfull"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0
+    out = proc.stdout
+    topics = sorted(main.TOPICS)  # absl lists the groups alphabetically
+    positions = [out.index(f"\nke_tf {t}:\n") for t in topics]
+    assert positions == sorted(positions)
+    sections = dict(zip(topics, [out[p:q] for p, q in zip(positions, positions[1:] + [len(out)])]))
+    for topic in main.TOPICS:
+        names = [f.name for f in main.FLAGS.get_flags_for_module(f"ke_tf {topic}")]
+        assert names, topic
+        for flag in main.FLAGS.get_flags_for_module(f"ke_tf {topic}"):
+            assert f"--{flag.name}:" in sections[topic] or f"--[no]{flag.name}:" in \
+                sections[topic], (topic, flag.name)
+            text = flag.help.split(": ", 1)[-1] if flag.help.startswith("<") else flag.help
+            assert len(text) <= 110, (flag.name, text)  # one line of help each
+    assert set(main.flag_values()) == {f.name for t in main.TOPICS
+                                       for f in main.FLAGS.get_flags_for_module(f"ke_tf {t}")}
