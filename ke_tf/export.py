@@ -86,6 +86,8 @@ def save_keras(model: keras.Model, path: str) -> str:
 def load_keras(path: str) -> keras.Model:
     """A `.keras` file loaded in safe mode (no compile): a file that would run arbitrary Python
     code when loaded (a `Lambda` layer) raises `ValueError` instead."""
+    from ke_tf import networks  # noqa: F401  registers ke_tf's layer classes
+
     return keras.saving.load_model(path, compile=False, safe_mode=True)
 
 

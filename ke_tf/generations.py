@@ -118,6 +118,10 @@ class GenerationRunner:
         keras.utils.set_random_seed(config.seed)  # the initial weights of N_1
         dense = networks.build(m.arch, info.num_classes, size, stem=m.stem, head=m.head,
                                embedding_dim=m.embedding_dim, width_multiplier=m.width_multiplier)
+        if config.strategy == "mirrored":  # BatchNorm statistics over the global batch, so
+            for layer in dense.layers:  # that N devices compute what one device would
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.synchronized = True
         s = config.split
         if config.method == "slim_scratch":  # the slim architecture, fresh weights, nothing reset
             self.network = slim.architecture(dense, masks_lib.compute(dense, "kels", s.split_rate))

@@ -9,6 +9,19 @@ the weights after the update) and would give a different trajectory.
 The learning-rate schedule (`lr_at_epoch`, `LearningRateSchedule` callback) is per epoch as in
 the official code: linear warm-up lr*(e+1)/w for the first w epochs, then cosine decay
 0.5*(1 + cos(pi*(e-w)/(E-w)))*lr, restarted every generation (sec. 3.1).
+
+Mixed precision: under the Keras policies "mixed_bfloat16" (CPU) and "mixed_float16" (GPU, where
+`compile` wraps the optimizer in a `keras.optimizers.LossScaleOptimizer`) the step scales the
+loss with the public `optimizer.scale_loss` before taking gradients; gradients are those of the
+float32 variables, and the weight decay is added in float32, multiplied by the same loss scale
+so that the optimizer's unscaling leaves exactly g + wd * w. `restart_optimizer` and
+`LearningRateSchedule` act on the inner optimizer and keep the loss-scale state.
+
+Speed: for a plain `keras.optimizers.SGD` with momentum (no clipping, EMA, decoupled decay, loss
+scale, gradient accumulation or distribution strategy), the update with the coupled decay,
+m = mu*m - lr*(g + wd*w); w += m, runs as two fused TensorFlow kernels per variable on the
+optimizer's own momentum variables (`_apply_fused_sgd`) instead of seven element-wise ops; any
+other optimizer goes through `optimizer.apply`.
 """
 from __future__ import annotations
 
@@ -30,6 +43,13 @@ def lr_at_epoch(epoch: int, base_lr: float, epochs: int, warmup_epochs: int) -> 
     return 0.5 * (1.0 + math.cos(math.pi * e / es)) * base_lr
 
 
+def inner_optimizer(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
+    """The optimizer doing the updates: the wrapped one of a LossScaleOptimizer, else itself."""
+    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
 class LearningRateSchedule(keras.callbacks.Callback):
     """Sets the optimizer's learning rate at the start of every epoch (`lr_at_epoch`).
 
@@ -43,7 +63,7 @@ class LearningRateSchedule(keras.callbacks.Callback):
         self.base_lr, self.epochs, self.warmup_epochs = base_lr, epochs, warmup_epochs
 
     def on_epoch_begin(self, epoch, logs=None):
-        optimizer = self.model.optimizer
+        optimizer = inner_optimizer(self.model.optimizer)
         lr = lr_at_epoch(epoch, self.base_lr, self.epochs, self.warmup_epochs)
         old = float(optimizer.learning_rate.numpy())
         if old > 0 and lr != old:
@@ -57,8 +77,9 @@ def restart_optimizer(optimizer: keras.optimizers.Optimizer) -> None:
 
     Every generation starts with a fresh optimizer (sec. 3.1); resetting the variables of the
     same optimizer instead of building a new one keeps the compiled train function valid, so
-    generation g > 1 starts without re-tracing."""
-    for v in optimizer.variables:
+    generation g > 1 starts without re-tracing. A LossScaleOptimizer keeps its loss scale (and
+    its growth counter): only the wrapped optimizer restarts."""
+    for v in inner_optimizer(optimizer).variables:
         v.assign(tf.zeros(v.shape, v.dtype))
 
 
@@ -77,6 +98,8 @@ class KEModel(keras.Model):
         step (DSD's sparse phases); their 0/1 multipliers are variables of the compiled step,
         so changing them needs no re-tracing. Empty (the default) costs nothing.
     """
+
+    fused_update = True  # False: always `optimizer.apply` (the unfused reference)
 
     def __init__(self, network: keras.Model, weight_decay: float = 1e-4,
                  cskd: Optional[Tuple[float, float]] = None,
@@ -114,6 +137,10 @@ class KEModel(keras.Model):
         if self.cskd:  # anchors first, their same-class partners second
             half = tf.shape(x)[0] // 2
             x, y, partners = x[:half], y[:half], x[half:]
+        # Under a tf.distribute strategy with R replicas the optimizer sums the replicas'
+        # gradients: each replica's loss (its batch mean: ke_tf's losses reduce to a scalar,
+        # which Keras leaves unscaled) and weight decay are divided by R.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         with tf.GradientTape() as tape:
             y_pred = self(x, training=True)
             loss = self.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
@@ -122,12 +149,21 @@ class KEModel(keras.Model):
                 with tape.stop_recording():
                     partner_logits = self(partners, training=True)
                 loss += weight * losses.class_wise_kd(y_pred, partner_logits, temperature)
+            # loss * scale under mixed_float16
+            scaled_loss = self.optimizer.scale_loss(loss / replicas if replicas > 1 else loss)
         variables = self.trainable_variables
-        grads = tape.gradient(loss, variables)
-        if self.weight_decay:
-            grads = [g + tf.cast(self.weight_decay, g.dtype) * tf.cast(v, g.dtype)
-                     for g, v in zip(grads, variables)]
-        self.optimizer.apply(grads, variables)
+        grads = tape.gradient(scaled_loss, variables)
+        if self._fused_sgd():
+            self._apply_fused_sgd(grads, variables)
+        else:
+            if self.weight_decay:
+                # Coupled L2 in the (float32) gradients' dtype, scaled like the loss (and
+                # divided by the replicas, like it): the optimizer unscales the sum to g + wd*w.
+                decay = self.optimizer.scale_loss(
+                    tf.constant(self.weight_decay / replicas, "float32"))
+                grads = [g + tf.cast(decay, g.dtype) * tf.cast(v, g.dtype)
+                         for g, v in zip(grads, variables)]
+            self.optimizer.apply(grads, variables)
         for var, multiplier in self._multipliers:
             var.assign(var * multiplier)
         for metric in self.metrics:
@@ -136,3 +172,43 @@ class KEModel(keras.Model):
             else:
                 metric.update_state(y, y_pred)
         return {m.name: m.result() for m in self.metrics}
+
+    def _fused_sgd(self) -> bool:
+        """Whether the update can run as fused kernels (`_apply_fused_sgd`): `fused_update`, a
+        plain, built Keras SGD with momentum, TensorFlow, no distribution strategy."""
+        opt = self.optimizer
+        return (self.fused_update and type(opt) is keras.optimizers.SGD
+                and keras.backend.backend() == "tensorflow" and opt.built
+                and opt.momentum != 0 and not opt.nesterov
+                and not tf.distribute.has_strategy()
+                and opt.clipnorm is None and opt.clipvalue is None and opt.global_clipnorm is None
+                and not opt.use_ema and opt.weight_decay is None and opt.loss_scale_factor is None
+                and not opt.gradient_accumulation_steps
+                and all(v.constraint is None and v.dtype == "float32"
+                        for v in self.trainable_variables))
+
+    def _apply_fused_sgd(self, grads, variables) -> None:
+        """Keras's SGD update with the coupled decay, m = mu*m - lr*(g + wd*w); w += m, as two
+        fused kernels per variable: m -= (lr*wd/mu) * w (ResourceApplyGradientDescent on the
+        momentum), then m = mu*m - lr*g; w += m (ResourceApplyKerasMomentum)."""
+        opt = self.optimizer
+        lr = tf.cast(opt.learning_rate, "float32")
+        momentum = tf.constant(opt.momentum, "float32")
+        decay = lr * (self.weight_decay / opt.momentum)
+        # The optimizer was built from this same list (its first `apply`, before the fused
+        # path can be taken), so its momentum buffers come in the variables' order.
+        if len(opt.momentums) != len(variables):
+            raise ValueError(f"the optimizer holds {len(opt.momentums)} momentum buffers for "
+                             f"{len(variables)} variables. Received: variables={variables!r}")
+        for grad, var, accum in zip(grads, variables, opt.momentums):
+            if grad is None:
+                continue
+            if self.weight_decay:
+                tf.raw_ops.ResourceApplyGradientDescent(
+                    var=accum.value.handle, alpha=decay, delta=var.value.read_value(),
+                    use_locking=False)
+            tf.raw_ops.ResourceApplyKerasMomentum(
+                var=var.value.handle, accum=accum.value.handle, lr=lr,
+                grad=tf.cast(grad, "float32"), momentum=momentum, use_locking=False,
+                use_nesterov=False)
+        opt.iterations.assign_add(1)

@@ -80,3 +80,93 @@ def test_cross_entropy_with_smoothing_matches_keras():
     plain = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     np.testing.assert_allclose(losses.sparse_cross_entropy(labels, logits).numpy(),
                                plain(labels, logits).numpy(), rtol=1e-6)
+
+
+# --- mixed precision, loss scaling and the fused SGD update -------------------------------------
+
+@pytest.fixture
+def policy():
+    """Set a global dtype policy for one test; always back to float32 afterwards."""
+    try:
+        yield keras.mixed_precision.set_global_policy
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def small_resnet(classes=3):
+    from ke_tf import networks
+    return networks.build("resnet18", classes, 16, width_multiplier=1 / 8)
+
+
+def sgd_model(net, optimizer, weight_decay=1e-3):
+    model = KEModel(net, weight_decay=weight_decay)
+    model.compile(optimizer=optimizer, loss=losses.SparseCrossEntropy())
+    return model
+
+
+def test_mixed_bfloat16_step_has_finite_loss_and_float32_variables(policy, rng):
+    policy("mixed_bfloat16")
+    net = small_resnet()
+    assert net.get_layer("bn1").compute_dtype == "bfloat16"
+    model = sgd_model(net, keras.optimizers.SGD(0.1, momentum=0.9))
+    x, y = rng.normal(size=(8, 16, 16, 3)).astype("float32"), np.arange(8) % 3
+    before = [v.numpy().copy() for v in net.trainable_variables]
+    loss = model.fit(x, y, batch_size=8, epochs=2, verbose=0).history["loss"]
+    assert np.all(np.isfinite(loss))
+    assert all(v.dtype == "float32" for v in model.weights + model.optimizer.momentums)
+    assert model(x[:2]).dtype == "bfloat16"
+    assert all(not np.array_equal(b, v.numpy()) for b, v in zip(before, net.trainable_variables))
+
+
+def test_mixed_float16_loss_scale_optimizer_runs_and_restart_keeps_the_scale(policy, rng):
+    policy("mixed_float16")
+    model = sgd_model(small_resnet(), keras.optimizers.SGD(0.1, momentum=0.9))
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    x, y = rng.normal(size=(8, 16, 16, 3)).astype("float32"), np.arange(8) % 3
+    loss = model.fit(x, y, batch_size=4, epochs=2, verbose=0,
+                     callbacks=[LearningRateSchedule(0.2, epochs=2, warmup_epochs=1)]).history
+    assert np.all(np.isfinite(loss["loss"]))
+    optimizer = model.optimizer
+    assert any(np.any(v.numpy()) for v in optimizer.inner_optimizer.momentums)
+    scale = float(optimizer.dynamic_scale.numpy())
+    assert scale > 0
+    restart_optimizer(optimizer)
+    assert float(optimizer.dynamic_scale.numpy()) == scale
+    assert not any(np.any(v.numpy()) for v in optimizer.inner_optimizer.variables)
+    assert int(optimizer.iterations.numpy()) == 0
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0,
+              callbacks=[LearningRateSchedule(0.2, epochs=2, warmup_epochs=2)])
+    assert float(optimizer.learning_rate.numpy()) == pytest.approx(0.1)  # warm-up epoch 0
+
+
+def test_weight_decay_is_exact_under_loss_scaling(rng):
+    """A loss scale (here SGD's static loss_scale_factor; LossScaleOptimizer alike) must not
+    change the update: the decay is scaled with the loss and unscaled with the gradients."""
+    x, y = rng.normal(size=(8, 4)).astype("float32"), np.arange(8) % 3
+    nets = [tiny() for _ in range(2)]
+    nets[1].set_weights(nets[0].get_weights())
+    for net, factor in zip(nets, (None, 256.0)):
+        model = sgd_model(net, keras.optimizers.SGD(0.1, momentum=0.9, loss_scale_factor=factor),
+                          weight_decay=0.05)
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False)
+    for a, b in zip(*(net.trainable_variables for net in nets)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_sgd_update_equals_keras_sgd(rng):
+    class UnfusedSGD(keras.optimizers.SGD):  # not exactly keras SGD: takes optimizer.apply
+        pass
+
+    x, y = rng.normal(size=(8, 16, 16, 3)).astype("float32"), np.arange(8) % 3
+    nets = [small_resnet() for _ in range(2)]
+    nets[1].set_weights(nets[0].get_weights())
+    models = [sgd_model(net, cls(0.1, momentum=0.9))
+              for net, cls in zip(nets, (keras.optimizers.SGD, UnfusedSGD))]
+    for model in models:
+        model.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False,
+                  callbacks=[LearningRateSchedule(0.1, epochs=2, warmup_epochs=1)])
+    assert models[0]._fused_sgd() and not models[1]._fused_sgd()
+    for a, b in zip(*(net.trainable_variables for net in nets)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(*(model.optimizer.variables for model in models)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)

@@ -5,8 +5,11 @@ import re
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from ke_tf import config, networks
+from ke_tf.networks import layers as network_layers
+from ke_tf.networks.layers import FusedBatchNormalization
 
 # torchvision's trainable parameter counts, 1000 classes (GoogLeNet without aux classifiers).
 TORCHVISION_PARAMS = {
@@ -23,7 +26,7 @@ PLAIN_LAYERS = (
     keras.layers.ReLU, keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
     keras.layers.GlobalAveragePooling2D, keras.layers.ZeroPadding2D, keras.layers.Add,
     keras.layers.Concatenate, keras.layers.Flatten, keras.layers.Dropout, keras.layers.Dense,
-    keras.layers.UnitNormalization)
+    keras.layers.UnitNormalization)  # FusedBatchNormalization is a BatchNormalization
 
 
 @functools.cache
@@ -56,12 +59,15 @@ def test_torchvision_parameter_count_and_layer_settings(arch):
     assert trainable_params(model) == TORCHVISION_PARAMS[arch]
     assert model.output.shape == (None, 1000)
     assert model.get_layer("fc").activation is keras.activations.linear
-    for layer in layers_of(model, keras.layers.Conv2D):
+    assert not layers_of(model, keras.layers.Conv2D)  # all ke_tf's (GEMM for tiny outputs)
+    for layer in layers_of(model, network_layers.Conv2D):
         assert layer.use_bias == (arch == "vgg11_bn"), layer.name
-    for layer in layers_of(model, keras.layers.BatchNormalization):
+    assert not layers_of(model, keras.layers.BatchNormalization)  # all fused
+    assert layers_of(model, FusedBatchNormalization)
+    for layer in layers_of(model, FusedBatchNormalization):
         assert layer.momentum == 0.9, layer.name
         assert layer.epsilon == (1e-3 if arch == "googlenet" else 1e-5), layer.name
-    for layer in layers_of(model, keras.layers.Conv2D) + layers_of(model, keras.layers.Dense):
+    for layer in layers_of(model, network_layers.Conv2D) + layers_of(model, keras.layers.Dense):
         init = layer.kernel_initializer
         assert isinstance(init, keras.initializers.VarianceScaling), layer.name
         assert (init.scale, init.mode, init.distribution) == (2.0, "fan_in", "untruncated_normal")
@@ -209,3 +215,131 @@ def test_bad_arguments_raise(kwargs, received):
     args = dict(arch="resnet18", num_classes=10, image_size=32) | kwargs
     with pytest.raises(ValueError, match=re.escape(f"Received: {received}")):
         networks.build(**args)
+
+
+# --- FusedBatchNormalization: Keras's BatchNormalization through the fused kernel ----------------
+
+def _bn_pair(shape, rng, **kwargs):
+    ref = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, **kwargs)
+    fused = FusedBatchNormalization(momentum=0.9, epsilon=1e-5, **kwargs)
+    for layer in (ref, fused):
+        layer.build(shape)
+    weights = [rng.uniform(0.5, 1.5, w.shape).astype("float32") for w in ref.weights]
+    ref.set_weights(weights)
+    fused.set_weights(weights)
+    return ref, fused
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 5, 3), (6, 7, 3, 16), (3, 6), (2, 3, 4, 5, 6)])
+def test_fused_batch_norm_matches_keras(shape):
+    """Outputs, gradients and moving statistics (biased batch variance, moving = moving * m +
+    batch * (1 - m)) within 1e-5 of keras.layers.BatchNormalization, in training and inference;
+    ranks other than 4 take Keras's own path."""
+    rng = np.random.default_rng(0)
+    ref, fused = _bn_pair(shape, rng)
+    x = tf.constant(rng.normal(1.0, 3.0, size=shape).astype("float32"))
+    for training in (True, True, False):
+        outs, grads = [], []
+        for layer in (ref, fused):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=training)
+                loss = tf.reduce_sum(y * tf.cos(y))
+            outs.append(y.numpy())
+            grads.append([g.numpy() for g in tape.gradient(loss, [x] + layer.trainable_weights)])
+        np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(*grads):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+        for a, b in zip(ref.weights, fused.weights):
+            assert a.name == b.name
+            np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_batch_norm_frozen_uses_moving_statistics():
+    rng = np.random.default_rng(1)
+    ref, fused = _bn_pair((4, 3, 3, 8), rng)
+    ref.trainable = fused.trainable = False
+    x = rng.normal(size=(4, 3, 3, 8)).astype("float32")
+    np.testing.assert_allclose(fused(x, training=True), ref(x, training=True), atol=1e-5)
+    np.testing.assert_allclose(fused.moving_mean.numpy(), ref.moving_mean.numpy())
+
+
+def test_fused_batch_norm_mixed_bfloat16():
+    try:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        rng = np.random.default_rng(2)
+        ref, fused = _bn_pair((4, 5, 5, 8), rng)
+        x = tf.cast(rng.normal(size=(4, 5, 5, 8)), "bfloat16")
+        with tf.GradientTape() as tape:
+            y = fused(x, training=True)
+            loss = tf.reduce_sum(tf.cast(y, "float32") ** 2)
+        grads = tape.gradient(loss, fused.trainable_weights)
+        assert y.dtype == "bfloat16" and all(g.dtype == "float32" for g in grads)
+        assert all(w.dtype == "float32" for w in fused.weights)
+        np.testing.assert_allclose(tf.cast(y, "float32"), tf.cast(ref(x, training=True), "float32"),
+                                   atol=0.05)
+        np.testing.assert_allclose(fused.moving_variance.numpy(), ref.moving_variance.numpy(),
+                                   rtol=1e-2)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_fused_batch_norm_config_round_trip():
+    layer = FusedBatchNormalization(momentum=0.9, epsilon=1e-5, name="bn")
+    assert layer.get_config() | {"name": "bn"} == keras.layers.BatchNormalization(
+        momentum=0.9, epsilon=1e-5, name="bn").get_config()
+    model = networks.build("resnet18", 3, 16, width_multiplier=1 / 16)
+    clone = keras.models.clone_model(model)
+    assert type(clone.get_layer("bn1")) is FusedBatchNormalization
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert type(restored) is FusedBatchNormalization
+
+
+# --- Conv2D: small outputs as im2col + matmul ----------------------------------------------------
+
+@pytest.mark.parametrize("size, c_in, kernel, strides, padding, use_bias, gemm", [
+    (2, 256, 3, 1, "same", False, True),    # ResNet18 layer4 at 64 px
+    (6, 256, 3, 2, "valid", True, True),    # its strided first conv, after ZeroPadding2D
+    (4, 2048, 1, 2, "valid", False, True),  # a strided 1x1 projection
+    (3, 256, 3, 1, "valid", False, True),   # a 1x1 output
+    (8, 256, 3, 1, "same", False, False),   # 8x8 outputs: the direct kernel
+    (2, 64, 3, 1, "same", False, False),    # patches too small
+    (4, 256, 2, 1, "same", False, False),   # even kernel with "same"
+])
+def test_gemm_conv_matches_keras(size, c_in, kernel, strides, padding, use_bias, gemm):
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(4, size, size, c_in)).astype("float32"))
+    ref = keras.layers.Conv2D(8, kernel, strides, padding=padding, use_bias=use_bias)
+    ours = network_layers.Conv2D(8, kernel, strides, padding=padding, use_bias=use_bias)
+    for layer in (ref, ours):
+        layer.build(x.shape)
+    ours.set_weights([rng.normal(0, 0.05, w.shape).astype("float32") for w in ref.weights])
+    ref.set_weights(ours.get_weights())
+    assert (ours._gemm_geometry(x) is not None) == gemm
+    results = []
+    for layer in (ref, ours):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(y * y)
+        results.append([y] + tape.gradient(loss, [x] + layer.trainable_weights))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4,
+                                   atol=1e-5 * float(np.abs(a.numpy()).max()))
+    assert {k: v for k, v in ours.get_config().items() if k != "name"} == {
+        k: v for k, v in ref.get_config().items() if k != "name"}
+
+
+def test_gemm_conv_under_mixed_bfloat16():
+    try:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        layer = network_layers.Conv2D(16, 3, padding="same")
+        x = tf.cast(np.random.default_rng(1).normal(size=(2, 2, 2, 256)), "bfloat16")
+        with tf.GradientTape() as tape:
+            y = layer(x)
+            loss = tf.reduce_sum(tf.cast(y, "float32") ** 2)
+        assert layer._gemm_geometry(x) is not None
+        assert y.dtype == "bfloat16" and layer.kernel.dtype == "float32"
+        assert tape.gradient(loss, layer.kernel).dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

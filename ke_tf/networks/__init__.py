@@ -1,8 +1,9 @@
 """The architectures of the paper (Taha et al., CVPR 2021) as plain Keras functional models.
 
-`build` returns a `keras.Model` of standard Keras layers only (no custom layers, no nested models,
-channels-last), so `ke_tf.graph` can walk it layer by layer and `ke_tf.slim` can rebuild a slimmer
-copy from `model.get_config()`. At width_multiplier=1 every architecture is torchvision's (channels,
+`build` returns a `keras.Model` of standard Keras layers (no nested models, channels-last), so
+`ke_tf.graph` can walk it layer by layer and `ke_tf.slim` can rebuild a slimmer copy from
+`model.get_config()`; Conv2D and BatchNormalization are `ke_tf.networks.layers`' registered
+subclasses of Keras's, which only compute faster (same variables, config and numerics). At width_multiplier=1 every architecture is torchvision's (channels,
 strides, biases, trainable parameter counts); each module cites its source and lists its layer
 names. Weights are randomly initialized as in the official KE code (see `layers`).
 """

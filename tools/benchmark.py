@@ -1,0 +1,495 @@
+"""Performance benchmark of ke_tf on this machine's CPU (README, Performance).
+
+    python tools/benchmark.py --json [--pairs 5] [--torch_python=/tmp/torchvenv/bin/python] [--xla]
+    python tools/benchmark.py --quick --json          # tiny sizes, one pair: a smoke test
+
+Machines are shared and noisy, so every comparison is measured as a ratio inside one run:
+the two sides alternate (A, B, A, B, ...) and each reported number is the median over `--pairs`
+pairs (ratios are medians of the per-pair ratios). With `--json` the last stdout line is one JSON
+object holding exactly the keys of `REQUIRED_KEYS` (always numbers), plus the torch reference
+(`torch_images_per_s[_bf16]`, `vs_torch_fp32`, `vs_torch_bf16`, `bf16_vs_torch_fp32`) when
+`--torch_python` names a Python with torch, `train_images_per_s_xla` under `--xla`, and the
+intermediate numbers (`plain_images_per_s`, `pipeline_vs_model_digits`, ...) under `--details`.
+Progress and per-pair numbers go to stderr.
+
+What is measured:
+  train_images_per_s[_bf16]: KEModel (compiled, driven by Model.fit, KELS s=0.5 masks computed)
+    training ResNet18 (ImageNet stem, 120 classes, 64 px, batch 32, SGD momentum 0.9, wd 1e-4)
+    from one in-memory batch; `_bf16` under the Keras policy "mixed_bfloat16".
+  ke_vs_plain_throughput: that KE step vs plain `keras.Model.fit` of the same network.
+  reinit_seconds_resnet50: reinit.reset (KELS s=0.5) + restart_optimizer + schedule restart of a
+    ResNet50 (224 px, 1000 classes) with a built optimizer.
+  gen2_first_epoch_vs_steady: the digits model (ResNet18 x0.25, 32 px, batch 25, 400 in-memory
+    images): the first epoch of generation g+1 (after reset and restarts) over a steady epoch of
+    generation g. `_pipeline` (--details): the same fed by ke_tf.data's digits pipeline.
+  slim_vs_dense_latency_b{1,32}: tf.function inference latency of the KELS s=0.5 slim ResNet18
+    (224 px, ImageNet stem) over the dense one.
+  pipeline_vs_model: min of `pipeline_vs_model_digits` and `pipeline_vs_model_224`: images/s of
+    `ke_tf.data` training batches alone over images/s of the model's training step (digits:
+    the digits default; 224: tfds-mocked oxford_flowers102 at 224 px, batch 32, ResNet18).
+  peak_rss_mb: peak resident memory of a process training ResNet18 at 224 px, batch 32 (the
+    same subprocess gives the 224 px model rate).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REQUIRED_KEYS = ("train_images_per_s", "train_images_per_s_bf16", "ke_vs_plain_throughput",
+                 "reinit_seconds_resnet50", "gen2_first_epoch_vs_steady",
+                 "slim_vs_dense_latency_b1", "slim_vs_dense_latency_b32", "pipeline_vs_model",
+                 "peak_rss_mb")
+TORCH_SCRIPT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                            "..", "..", "shared", "bench",
+                                            "torch_resnet18_step.py"))
+EXTRA_KEYS = ("torch_images_per_s", "torch_images_per_s_bf16", "vs_torch_fp32", "vs_torch_bf16",
+              "bf16_vs_torch_fp32", "train_images_per_s_xla")
+
+# Sizes of the full benchmark and of --quick (tiny, one pair: a smoke test of every path).
+FULL = dict(train=dict(arch="resnet18", classes=120, size=64, stem="imagenet", width=1.0,
+                       batch=32, warmup=3, steps=8),
+            reinit=dict(arch="resnet50", classes=1000, size=224, width=1.0),
+            gen2=dict(digits_per_class=40, epochs=3),
+            slim=dict(classes=102, size=224, width=1.0, b1_calls=20, b32_calls=2),
+            pipeline=dict(digits_batches=80, mock_examples=64, mock_batches=12, mock_size=224,
+                          digits_model_steps=12),
+            rss=dict(size=224, batch=32, width=1.0, steps=3))
+QUICK = dict(train=dict(arch="resnet18", classes=10, size=32, stem="small", width=1 / 8,
+                        batch=8, warmup=1, steps=2),
+             reinit=dict(arch="resnet18", classes=10, size=32, width=1 / 8),
+             gen2=dict(digits_per_class=10, epochs=2),
+             slim=dict(classes=10, size=32, width=1 / 8, b1_calls=2, b32_calls=1),
+             pipeline=dict(digits_batches=8, mock_examples=8, mock_batches=2, mock_size=32,
+                           digits_model_steps=2),
+             rss=dict(size=32, batch=8, width=1 / 8, steps=2))
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def median(values):
+    return float(statistics.median(values))
+
+
+# ------------------------------------------------------------------------------------------------
+# Training throughput: KE step, plain Keras, mixed_bfloat16, XLA, torch.
+
+def _train_batch(size, batch, classes, seed=0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    return (rng.random((batch, size, size, 3), dtype=np.float32),
+            rng.integers(0, classes, batch).astype("int32"))
+
+
+def _build_trainer(s, kind, policy="float32", jit_compile=False):
+    """A compiled model training s["arch"]: kind "ke" (KEModel, KELS s=0.5 masks computed) or
+    "plain" (the functional network's own Model.fit)."""
+    import keras
+    from ke_tf import losses, masks, networks
+    from ke_tf.model import KEModel
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        net = networks.build(s["arch"], s["classes"], s["size"], stem=s["stem"],
+                             width_multiplier=s["width"])
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    model = net
+    if kind == "ke":
+        model = KEModel(net, weight_decay=1e-4)
+        model.masks = masks.compute(net, "kels", 0.5, seed=0)  # live, used between generations
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                  loss=losses.SparseCrossEntropy(), jit_compile=jit_compile)
+    return model
+
+
+def _fit_rate(model, dataset, batch, warmup, steps):
+    """Images/s of `steps` training steps of Model.fit after `warmup` steps (callback clock)."""
+    import keras
+    stamps = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_train_batch_end(self, step, logs=None):
+            stamps.append(time.perf_counter())
+
+    model.fit(dataset, steps_per_epoch=warmup + steps, epochs=1, verbose=0, shuffle=False,
+              callbacks=[Clock()])
+    return batch * steps / (stamps[-1] - stamps[warmup - 1])
+
+
+def _torch_rate(python, bf16, script=TORCH_SCRIPT):
+    cmd = [python, script] + (["--bf16"] if bf16 else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_train(s, pairs, torch_python=None, xla=False, torch_script=TORCH_SCRIPT):
+    import tensorflow as tf
+    x, y = _train_batch(s["size"], s["batch"], s["classes"])
+    dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+    models = {"ke": _build_trainer(s, "ke"), "plain": _build_trainer(s, "plain"),
+              "ke_bf16": _build_trainer(s, "ke", policy="mixed_bfloat16")}
+    if xla:
+        models["ke_xla"] = _build_trainer(s, "ke", jit_compile=True)
+    for model in models.values():  # trace and warm up once, outside the timed pairs
+        _fit_rate(model, dataset, s["batch"], 1, 1)
+    rates = {name: [] for name in models}
+    if torch_python:
+        rates.update(torch=[], torch_bf16=[])
+    for pair in range(pairs):
+        for name, model in models.items():
+            rates[name].append(_fit_rate(model, dataset, s["batch"], s["warmup"], s["steps"]))
+        if torch_python:
+            rates["torch"].append(_torch_rate(torch_python, False, torch_script))
+            rates["torch_bf16"].append(_torch_rate(torch_python, True, torch_script))
+        log(f"train pair {pair + 1}/{pairs}: " + ", ".join(
+            f"{k} {v[-1]:.1f}" for k, v in rates.items()) + " images/s")
+
+    def ratio(a, b):
+        return median([p / q for p, q in zip(rates[a], rates[b])])
+
+    out = {"train_images_per_s": median(rates["ke"]),
+           "train_images_per_s_bf16": median(rates["ke_bf16"]),
+           "plain_images_per_s": median(rates["plain"]),
+           "ke_vs_plain_throughput": ratio("ke", "plain")}
+    # Contention only ever slows a side down: the best block of each side is the least
+    # disturbed estimate of the unshared machine (--details keys `best_*`).
+    out.update({f"best_{name}_images_per_s": max(values) for name, values in rates.items()})
+    if xla:
+        out["train_images_per_s_xla"] = median(rates["ke_xla"])
+    if torch_python:
+        out.update(torch_images_per_s=median(rates["torch"]),
+                   torch_images_per_s_bf16=median(rates["torch_bf16"]),
+                   vs_torch_fp32=ratio("ke", "torch"), vs_torch_bf16=ratio("ke_bf16", "torch_bf16"),
+                   bf16_vs_torch_fp32=ratio("ke_bf16", "torch"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Between generations: re-initialization and the second generation's first epoch.
+
+def bench_reinit(s, pairs):
+    import keras
+    from ke_tf import losses, masks, networks, reinit
+    from ke_tf.model import KEModel, LearningRateSchedule, restart_optimizer
+
+    net = networks.build(s["arch"], s["classes"], s["size"], stem="imagenet",
+                         width_multiplier=s["width"])
+    m = masks.compute(net, "kels", 0.5, seed=0)
+    model = KEModel(net, weight_decay=1e-4)
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                  loss=losses.SparseCrossEntropy())
+    optimizer = model.optimizer
+    optimizer.build(model.trainable_variables)
+    schedule = LearningRateSchedule(0.1, epochs=10, warmup_epochs=2)
+    schedule.set_model(model)
+    seconds = []
+    for g in range(1, pairs + 1):
+        for v in optimizer.momentums:  # a used optimizer at the end of generation g
+            v.assign(keras.ops.ones(v.shape, v.dtype))
+        optimizer.learning_rate.assign(0.001)
+        start = time.perf_counter()
+        reinit.reset(net, m, seed=(0, g))
+        restart_optimizer(optimizer)
+        schedule.on_epoch_begin(0)
+        seconds.append(time.perf_counter() - start)
+    log(f"reinit {s['arch']}: " + ", ".join(f"{t:.3f}" for t in seconds) + " s")
+    return {"reinit_seconds_resnet50": median(seconds)}
+
+
+def bench_gen2(s, pairs, source="memory"):
+    """Generations of the digits default model (ResNet18 x0.25, 32 px, batch 25, KE step), each
+    `epochs` epochs; median ratio of each generation's first epoch to the previous generation's
+    steady epochs (all but its first). `source`: "memory" (a tf.data pipeline of in-memory
+    images, built anew for every generation: the model's own restart cost) or "pipeline"
+    (`ke_tf.data` digits, `train_from` for every generation as the runner does)."""
+    import keras
+    import tensorflow as tf
+    from ke_tf import data, losses, masks, networks, reinit
+    from ke_tf.config import DataConfig
+    from ke_tf.model import KEModel, LearningRateSchedule, restart_optimizer
+
+    d = data.load(DataConfig(dataset="digits", image_size=32, batch_size=25,
+                             digits_per_class=s["digits_per_class"]))
+    x, y = _train_batch(32, d.info.num_train, 10, seed=1)
+
+    def train(first_epoch):
+        if source == "pipeline":
+            return d.train_from(first_epoch)
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(25).repeat()
+
+    net = networks.build("resnet18", d.info.num_classes, 32, width_multiplier=0.25)
+    m = masks.compute(net, "kels", 0.8, seed=0)
+    model = KEModel(net, weight_decay=5e-4)
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                  loss=losses.SparseCrossEntropy(0.1), metrics=["accuracy"])
+    epochs = s["epochs"]
+
+    class EpochClock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self.start)
+
+    ratios, previous = [], None
+    for g in range(1, pairs + 2):
+        if g > 1:
+            reinit.reset(net, m, seed=(0, g - 1))
+        restart_optimizer(model.optimizer)
+        clock = EpochClock()
+        clock.seconds = []
+        model.fit(train((g - 1) * epochs), steps_per_epoch=d.steps_per_epoch,
+                  epochs=epochs, verbose=0, shuffle=False,
+                  callbacks=[LearningRateSchedule(0.05, epochs, 1), clock])
+        if previous is not None:
+            ratios.append(clock.seconds[0] / median(previous[1:]))
+        previous = clock.seconds
+        log(f"generation {g} epochs ({source}): "
+            + ", ".join(f"{t:.3f}" for t in clock.seconds) + " s")
+    key = "gen2_first_epoch_vs_steady" + ("_pipeline" if source == "pipeline" else "")
+    return {key: median(ratios)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Inference: slim vs dense.
+
+def bench_slim(s, pairs):
+    import numpy as np
+    import tensorflow as tf
+    from ke_tf import masks, networks, slim
+
+    dense = networks.build("resnet18", s["classes"], s["size"], stem="imagenet",
+                           width_multiplier=s["width"])
+    m = masks.compute(dense, "kels", 0.5, seed=0)
+    small = slim.architecture(dense, m)
+    slim.copy_fit_weights(dense, m, small)
+    fns = {name: tf.function(lambda x, net=net: net(x, training=False), autograph=False)
+           for name, net in (("dense", dense), ("slim", small))}
+    rng = np.random.default_rng(0)
+    inputs = {b: tf.constant(rng.random((b, s["size"], s["size"], 3), dtype=np.float32))
+              for b in (1, 32)}
+    calls = {1: s["b1_calls"], 32: s["b32_calls"]}
+    for fn in fns.values():
+        for x in inputs.values():
+            fn(x).numpy()
+            fn(x).numpy()
+    ratios = {1: [], 32: []}
+    for pair in range(pairs):
+        for b, x in inputs.items():
+            seconds = {}
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                for _ in range(calls[b]):
+                    fn(x).numpy()
+                seconds[name] = (time.perf_counter() - start) / calls[b]
+            ratios[b].append(seconds["slim"] / seconds["dense"])
+            log(f"latency b{b} pair {pair + 1}: dense {1e3 * seconds['dense']:.1f} ms, "
+                f"slim {1e3 * seconds['slim']:.1f} ms")
+    return {"slim_vs_dense_latency_b1": median(ratios[1]),
+            "slim_vs_dense_latency_b32": median(ratios[32])}
+
+
+# ------------------------------------------------------------------------------------------------
+# Input pipeline vs model, and peak memory.
+
+def _pipeline_rate(dataset, batches):
+    """Images/s of iterating `batches` batches (after one to start the pipeline)."""
+    it = iter(dataset)
+    next(it)
+    images, start = 0, time.perf_counter()
+    for _ in range(batches):
+        x, _ = next(it)
+        images += int(x.shape[0])
+    return images / (time.perf_counter() - start)
+
+
+def bench_pipeline(s, pairs, model_224_rate):
+    from unittest import mock
+
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+    from ke_tf import data
+    from ke_tf.config import DataConfig
+
+    digits = data.load(DataConfig(dataset="digits", image_size=32, batch_size=25))
+    trainer = _build_trainer(dict(arch="resnet18", classes=10, size=32, stem="small",
+                                  width=0.25), "ke")
+    x, y = _train_batch(32, 25, 10)
+    batch = tf.data.Dataset.from_tensors((x, y)).repeat()
+    _fit_rate(trainer, batch, 25, 1, 1)
+    ratios = []
+    for pair in range(pairs):
+        pipe = _pipeline_rate(digits.train_from(0), s["digits_batches"])
+        model_rate = _fit_rate(trainer, batch, 25, 2, s["digits_model_steps"])
+        ratios.append(pipe / model_rate)
+        log(f"digits pair {pair + 1}: pipeline {pipe:.0f}, model {model_rate:.0f} images/s")
+    out = {"pipeline_vs_model_digits": median(ratios)}
+
+    with tfds.testing.mock_data(num_examples=s["mock_examples"]), \
+            mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: True):
+        flowers = data.load(DataConfig(dataset="oxford_flowers102", image_size=s["mock_size"],
+                                       batch_size=32))
+        rates = [_pipeline_rate(flowers.train_from(0), s["mock_batches"]) for _ in range(pairs)]
+    log(f"{s['mock_size']} px pipeline: " + ", ".join(f"{r:.0f}" for r in rates)
+        + f" images/s; model {model_224_rate:.1f} images/s")
+    out["pipeline_images_per_s_224"] = median(rates)
+    out["pipeline_vs_model_224"] = median(rates) / model_224_rate
+    out["pipeline_vs_model"] = min(out["pipeline_vs_model_digits"], out["pipeline_vs_model_224"])
+    return out
+
+
+def rss_child(size, batch, width, steps):
+    """In a fresh process: train ResNet18 at `size` px for warm-up + `steps` steps; print
+    {"peak_rss_mb", "images_per_s"} as JSON."""
+    import tensorflow as tf
+    s = dict(arch="resnet18", classes=102, size=size, stem="imagenet", width=width)
+    model = _build_trainer(s, "ke")
+    x, y = _train_batch(size, batch, 102)
+    rate = _fit_rate(model, tf.data.Dataset.from_tensors((x, y)).repeat(), batch, 1, steps)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+    print(json.dumps({"peak_rss_mb": peak, "images_per_s": rate}))
+
+
+def bench_rss(s):
+    cmd = [sys.executable, os.path.abspath(__file__), "--_rss_child",
+           f"{s['size']},{s['batch']},{s['width']},{s['steps']}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    if out.returncode:
+        raise RuntimeError(f"peak-RSS subprocess failed ({out.returncode}): {out.stderr[-2000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    log(f"ResNet18 {s['size']} px batch {s['batch']}: peak RSS {result['peak_rss_mb']:.0f} MB, "
+        f"{result['images_per_s']:.1f} images/s")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Where the time goes: the TensorFlow profiler over a few KE training steps.
+
+def profile_train(s, policy, steps=8, top=20):
+    """Share of TensorFlow op time by op type over `steps` KE training steps (host CPU plane of
+    the TensorFlow profiler; nested function-call ops are left out so nothing counts twice)."""
+    import collections
+    import glob
+    import re
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    model = _build_trainer(s, "ke", policy=policy)
+    x, y = _train_batch(s["size"], s["batch"], s["classes"])
+    dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+    _fit_rate(model, dataset, s["batch"], 1, 2)
+    logdir = tempfile.mkdtemp(prefix="ke_profile_")
+    tf.profiler.experimental.start(logdir)
+    rate = _fit_rate(model, dataset, s["batch"], 1, steps)
+    tf.profiler.experimental.stop()
+    space = xplane_pb2.XSpace()
+    with open(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0], "rb") as f:
+        space.ParseFromString(f.read())
+    by_type = collections.Counter()
+    skip = re.compile(r"PartitionedCall|^While|^If|^__inference|Identity$|^NoOp$|^_Recv|^_Send")
+    for plane in space.planes:
+        if plane.name != "/host:CPU":
+            continue
+        names = {k: m.name for k, m in plane.event_metadata.items()}
+        for line in plane.lines:
+            for event in line.events:
+                name = names.get(event.metadata_id, "")
+                if ":" not in name or "::" in name:
+                    continue
+                op_type = name.rsplit(":", 1)[1]
+                if op_type and not skip.search(op_type) and re.fullmatch(r"[\w]+", op_type):
+                    by_type[op_type] += event.duration_ps
+    total = sum(by_type.values()) or 1
+    shares = {k: v / total for k, v in by_type.most_common(top)}
+    log(f"profile ({policy}): {1e3 * s['batch'] / rate:.0f} ms a step (profiled), ops "
+        f"{1e-9 * total / (steps + 1):.0f} ms of CPU a step; share of op time:")
+    for k, v in shares.items():
+        log(f"  {k:<40} {100 * v:5.1f}%")
+    return shares
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
+    parser.add_argument("--pairs", type=int, default=None, help="alternated pairs (default 5)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 pair (smoke test)")
+    parser.add_argument("--torch_python", default=None,
+                        help="a Python with torch: also run the torch ResNet18 reference")
+    parser.add_argument("--torch_script", default=TORCH_SCRIPT,
+                        help="the torch reference script (default: %(default)s)")
+    parser.add_argument("--details", action="store_true",
+                        help="also put the intermediate numbers in the JSON line")
+    parser.add_argument("--xla", action="store_true",
+                        help="also measure the KE step with jit_compile=True (slow on CPU)")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated parts: train,reinit,gen2,slim,pipeline (others 0)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print where the KE step's time goes (TF profiler), then exit")
+    parser.add_argument("--_rss_child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._rss_child:
+        size, batch, width, steps = args._rss_child.split(",")
+        rss_child(int(size), int(batch), float(width), int(steps))
+        return 0
+    pairs = args.pairs if args.pairs is not None else (1 if args.quick else 5)
+    if pairs < 1:
+        parser.error(f"--pairs must be >= 1. Received: --pairs={pairs}")
+    sizes = QUICK if args.quick else FULL
+    only = set(args.only.split(",")) if args.only else None
+
+    def wanted(part):
+        return only is None or part in only
+
+    import tensorflow as tf  # noqa: F401  (after argument errors, which should be quick)
+    if args.profile:
+        for policy in ("float32", "mixed_bfloat16"):
+            profile_train(sizes["train"], policy)
+        return 0
+    log(f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '(default)')}, "
+        f"pairs={pairs}, quick={args.quick}")
+    results = dict.fromkeys(REQUIRED_KEYS, 0.0)
+    start = time.perf_counter()
+    if wanted("train"):
+        results.update(bench_train(sizes["train"], pairs, args.torch_python, args.xla,
+                                   args.torch_script))
+    if wanted("reinit"):
+        results.update(bench_reinit(sizes["reinit"], pairs))
+    if wanted("gen2"):
+        results.update(bench_gen2(sizes["gen2"], pairs))
+        if not args.quick:
+            results.update(bench_gen2(sizes["gen2"], pairs, source="pipeline"))
+    if wanted("slim"):
+        results.update(bench_slim(sizes["slim"], pairs))
+    if wanted("pipeline"):
+        rss = bench_rss(sizes["rss"])
+        results["peak_rss_mb"] = rss["peak_rss_mb"]
+        results["train_images_per_s_224"] = rss["images_per_s"]
+        results.update(bench_pipeline(sizes["pipeline"], pairs, rss["images_per_s"]))
+    log(f"benchmark took {time.perf_counter() - start:.0f} s")
+    bad = [k for k in REQUIRED_KEYS if not math.isfinite(results[k])]
+    if bad:
+        raise RuntimeError(f"non-finite results: {bad}")
+    if args.json:
+        keep = set(REQUIRED_KEYS) | set(EXTRA_KEYS)
+        print(json.dumps({k: v for k, v in results.items() if args.details or k in keep}))
+    else:
+        width = max(map(len, results))
+        for key, value in results.items():
+            print(f"{key:<{width}}  {value:.4g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
