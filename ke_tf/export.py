@@ -44,8 +44,8 @@ def save_saved_model(model: keras.Model, path: str, output_name: str = "logits")
     """Export `model` (inference mode) as a SavedModel directory at `path`; returns `path`."""
     spec = tf.TensorSpec((None,) + tuple(model.input.shape[1:]), tf.float32, name="images")
 
-    def serve(images):
-        return {output_name: model(images, training=False)}
+    def serve(images):  # float32 out, also from a mixed-precision network
+        return {output_name: tf.cast(model(images, training=False), tf.float32)}
 
     archive = keras.export.ExportArchive()
     archive.track(model)

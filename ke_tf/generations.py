@@ -217,7 +217,7 @@ class GenerationRunner:
                 row["split_rate"] = s.split_rate
                 row["split_mode"] = s.split_mode if method != "dnr" else "dnr"
             for split, (dataset, labels) in self.eval_splits.items():
-                outputs = net.predict(dataset, verbose=0)
+                outputs = np.asarray(net.predict(dataset, verbose=0), np.float32)
                 row.update(self.task.evaluate(outputs, labels, split, self.config.seed))
             row["params"], row["macs"] = self.costs[name]
             rows.append(row)

@@ -169,8 +169,8 @@ class KEModel(keras.Model):
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(loss)
-            else:
-                metric.update_state(y, y_pred)
+            else:  # float32 outputs for the metrics also under mixed precision
+                metric.update_state(y, tf.cast(y_pred, "float32"))
         return {m.name: m.result() for m in self.metrics}
 
     def _fused_sgd(self) -> bool:

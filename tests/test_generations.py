@@ -268,3 +268,27 @@ def test_folder_dataset_with_three_classes(tmp_path):
                       train=C.TrainConfig(generations=1, epochs=1, warmup_epochs=0, regularizer="none"))
     rows = GenerationRunner(cfg, verbose=False).run()
     assert [r["test_top5"] for r in rows] == [100.0] * 3  # top-3 of 3 classes
+
+
+@pytest.mark.parametrize("option", ["mixed_precision", "jit_compile"])
+def test_mixed_precision_and_xla_runs(tmp_path, option):
+    """--mixed_precision (bfloat16 on a CPU, float32 variables) and --jit_compile train, evaluate
+    and export; the global dtype policy is left as it was."""
+    import keras
+
+    cfg = tiny_config(tmp_path)
+    cfg = C.RunConfig(data=cfg.data, model=cfg.model, split=cfg.split, run_dir=str(tmp_path),
+                      train=C.TrainConfig(generations=2, epochs=1, warmup_epochs=0),
+                      **{option: True})
+    runner = GenerationRunner(cfg, verbose=False)
+    rows = runner.run()
+    conv = runner.network.get_layer("conv1")
+    expected = "bfloat16" if option == "mixed_precision" else "float32"
+    assert (conv.compute_dtype, conv.variable_dtype) == (expected, "float32")
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert all(np.isfinite(r["train_loss"]) and 0 <= r["test_top1"] <= 100 for r in rows)
+    assert len(rows) == 6
+    served = tf.saved_model.load(str(tmp_path / "export" / "slim"))
+    x = next(iter(runner.data.test))[0]
+    out = served.signatures["serving_default"](images=x)["logits"]
+    assert out.dtype == tf.float32 and out.shape == (x.shape[0], 10)
