@@ -287,8 +287,8 @@ class RunConfig:
         kwargs = {name: _PARTS[name](**{f.name: _tuple(flat[f.name]) for f in fs
                                         if f.name in flat})
                   for name, fs in parts.items()}
-        kwargs.update({k: v for k, v in flat.items() if k in known and not any(
-            k in {f.name for f in fs} for fs in parts.values())})
+        kwargs.update({f.name: flat[f.name] for f in dataclasses.fields(cls)
+                       if f.name not in _PARTS and f.name in flat})
         return cls(**kwargs)
 
 
@@ -299,8 +299,17 @@ def _tuple(value):
 _PARTS = {"data": DataConfig, "model": ModelConfig, "split": SplitConfig, "train": TrainConfig}
 
 
-def differences(saved: dict, current: dict, ignore=("overwrite", "keep_generations")) -> list:
-    """The flags whose values differ between two `to_flags()` dicts, as "--flag: a -> b"."""
+# Flags that change where or how a run executes, not what it trains: a run may be resumed with
+# other values (a moved run directory, another machine's data directory, more devices).
+NOT_TRAINING = ("overwrite", "keep_generations", "run_dir", "data_dir", "manual_dir", "export",
+                "strategy", "mixed_precision", "jit_compile", "deterministic")
+
+
+def differences(saved: dict, current: dict, ignore=NOT_TRAINING) -> list:
+    """The training flags whose values differ between two `to_flags()` dicts, as
+    "--flag: a -> b"; a flag missing from `saved` (an older run) counts as its default."""
+    defaults = RunConfig().to_flags()
     keys = sorted((set(saved) | set(current)) - set(ignore))
-    return [f"--{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
-            if _tuple(saved.get(k)) != _tuple(current.get(k))]
+    old = {k: saved.get(k, defaults.get(k)) for k in keys}
+    return [f"--{k}: {old[k]!r} -> {current.get(k)!r}" for k in keys
+            if _tuple(old[k]) != _tuple(current.get(k))]

@@ -147,7 +147,8 @@ class GenerationRunner:
         self.model = model_lib.KEModel(self.network, weight_decay=t.weight_decay, cskd=cskd,
                                        held_at_zero=held)
         self.model.compile(
-            optimizer=keras.optimizers.SGD(learning_rate=t.lr, momentum=t.momentum),
+            # a fixed name: the checkpoint keys its variables by path ("sgd/...")
+            optimizer=keras.optimizers.SGD(learning_rate=t.lr, momentum=t.momentum, name="sgd"),
             loss=self.task.make_loss(config), metrics=self.task.make_metrics(info.num_classes),
             jit_compile=config.jit_compile)
 
@@ -232,8 +233,15 @@ class GenerationRunner:
                  "finished": finished, "train": self._train, "rows": self.rows,
                  "hypotheses": self.hypotheses,
                  "seconds": self._seconds + time.time() - self._since, **self._info}
+        network = checkpoint.variables_of(self.network.variables)
+        bad = [path for path, value in network.items() if not np.isfinite(value).all()]
+        if bad:
+            raise RunError(f"generation {generation}, epoch {epochs_done}: the weights are no "
+                           f"longer finite ({bad[0]}, ...); the run stopped. The last good "
+                           f"checkpoint is kept in {checkpoint.last_dir(self.config.run_dir)}. "
+                           "Lower --lr or check the data, and start again with --overwrite")
         checkpoint.save(checkpoint.last_dir(self.config.run_dir), state, {
-            "network": checkpoint.variables_of(self.network.variables),
+            "network": network,
             "optimizer": checkpoint.variables_of(self.model.optimizer.variables),
             "masks": self.masks,
             "held": {str(i): v for i, v in enumerate(self.model.held_values())}})
@@ -263,6 +271,15 @@ class GenerationRunner:
         self.model.held_values([held[str(i)] for i in range(len(held))])
         self.rows, self.hypotheses = state["rows"], state["hypotheses"]
         self._train, self._seconds = state["train"], state["seconds"]
+        if state["evaluated"]:  # the slim networks as evaluated (and exported) next
+            for net in self.nets.values():
+                if net is not self.network:
+                    slim.copy_fit_weights(self.network, self.masks, net)
+            shipped = self.nets.get("slim_recal", self.nets.get("slim"))
+            if shipped is not None and shipped is not self.network:
+                _, kept = checkpoint.load(
+                    checkpoint.generation_dir(self.config.run_dir, state["generation"]))
+                checkpoint.assign(shipped.variables, kept["slim"], "slim network")
 
     def _start(self) -> Optional[dict]:
         """A fresh run directory (None), or the state of the run to resume in it."""
@@ -323,12 +340,12 @@ class GenerationRunner:
                          "reset_mean_abs": float(r.mean()) if r.size else ""}
                         for k, (f, r) in hyp.items()]
                     monitor.log_generation(g, rows, self.task.columns, train, hyp)
-                    self.save_generation(g)
-                    self.save_checkpoint(g, self.epochs, evaluated=True)
                     results.write_csv(os.path.join(run_dir, results.RESULTS), self.rows,
                                       self.columns)
                     results.write_csv(os.path.join(run_dir, results.HYPOTHESES),
                                       self.hypotheses, results.HYPOTHESES_COLUMNS)
+                    self.save_generation(g)
+                    self.save_checkpoint(g, self.epochs, evaluated=True)
                     monitor.print_table(self.rows, [c for c in self.columns if c not in
                                                     ("method", "split_mode", "split_rate", "macs")
                                                     and any(r[c] != "" for r in self.rows)])
