@@ -2,7 +2,6 @@
 accuracies of one device with the same global batch (BatchNorm statistics are synchronized over
 the replicas, weight decay and the reported loss are not counted once per replica)."""
 import json
-import os
 import subprocess
 import sys
 import textwrap
