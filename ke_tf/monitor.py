@@ -131,7 +131,7 @@ def truncate_events(log_dir: str, last_step: int) -> None:
                 event = event_pb2.Event.FromString(record.numpy())
                 if not event.HasField("summary") or event.step <= last_step:
                     kept.append(record.numpy())
-        except tf.errors.DataLossError:
+        except tf.errors.DataLossError:  # the last record, cut short by the crash: dropped
             pass
     staged = os.path.join(log_dir, ".tmp-events")
     with tf.io.TFRecordWriter(staged) as writer:
