@@ -461,7 +461,7 @@ def test_metric_errors():
 
 def test_metric_batches_do_not_depend_on_caching(digits_metric, monkeypatch):
     cached = arrays(data.load(metric_config(seed=0)).train)
-    monkeypatch.setattr(data, "CACHE_BYTES", 0)  # decode at every use
+    monkeypatch.setattr(data.pipelines, "CACHE_BYTES", 0)  # decode at every use
     uncached = data.load(metric_config(seed=0))
     for u, v in zip(cached, arrays(uncached.train)):
         np.testing.assert_array_equal(u, v)
