@@ -2,9 +2,10 @@
 
 Layout under `<run_dir>/checkpoints/`, every directory written atomically (`ke_tf.atomic`):
 
-- `last/`: where training stands. Written at the end of every epoch and once more when a
-  generation has been evaluated. `state.json` (generation, epochs done, whether evaluated, the
-  rows of results.csv and hypotheses.csv so far, the last training metrics, seconds spent),
+- `last/`: where training stands. Written at the end of every epoch, once more when a
+  generation has been evaluated and when the run ends (the `Checkpoints` hook). `state.json`
+  (the run's `ke_tf.state.RunState`: generation, epochs done, whether evaluated, the rows of
+  results.csv and hypotheses.csv so far, the last training metrics, seconds spent),
   `network.npz` (every variable of the trained network by path: weights, BatchNorm statistics),
   `optimizer.npz` (momentum buffers, iteration count, learning rate), `masks.npz` (the masks in
   use: WELS masks are random, so they are restored, never re-drawn) and `held.npz` (DSD's 0/1
@@ -32,6 +33,7 @@ import numpy as np
 
 from ke_tf import atomic, faults
 from ke_tf.config import ConfigError, RunConfig
+from ke_tf.hooks import Hook
 
 DIR = "checkpoints"
 LAST = "last"
@@ -153,8 +155,9 @@ class Loaded:
 
 def load_networks(run_dir: str, generation: Optional[int] = None) -> Loaded:
     """Rebuild the dense and slim networks of `generation` (default: the last kept one) of the
-    run in `run_dir` from its config.json and `checkpoints/generation_NNN/`; no data needed."""
-    from ke_tf import masks as masks_lib, networks, slim  # keras: only when loading
+    run in `run_dir` from its config.json and `checkpoints/generation_NNN/`; no data needed.
+    The run's method says which slim architecture its saved masks define."""
+    from ke_tf import methods, networks  # keras: only when loading
 
     config_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(config_path):
@@ -179,10 +182,34 @@ def load_networks(run_dir: str, generation: Optional[int] = None) -> Loaded:
         assign(dense.variables, arrays["dense"], "dense network")
         nets["dense"] = dense
     if "slim" in arrays:
-        kels = arrays.get("masks") if config.method != "slim_scratch" else None
-        kels = kels or masks_lib.compute(dense, "kels", config.split.split_rate)
-        net = slim.architecture(dense, kels)
+        net = methods.create(config).slim_architecture(dense, arrays.get("masks", {}))
         assign(net.variables, arrays["slim"], "slim network")
         nets["slim"] = net
     return Loaded(nets=nets, generation=generation, class_names=tuple(state["class_names"]),
                   output_name=state["output_name"], config=config)
+
+
+class Checkpoints(Hook):
+    """Writes `checkpoints/last` after every epoch, when a generation was evaluated and when
+    the run ends, and `checkpoints/generation_NNN` (the shipped networks as evaluated, for
+    export) for every evaluated generation, keeping the last `keep_generations`."""
+
+    def __init__(self, run_dir: str, keep_generations: Optional[int]):
+        self.run_dir, self.keep = run_dir, keep_generations
+
+    def epoch_end(self, run, state) -> None:
+        self._last(run, state)
+
+    def generation_end(self, run, state, evaluation) -> None:
+        arrays = {name: variables_of(net.variables) for name, net in run.shipped().items()}
+        arrays["masks"] = run.masks
+        save(generation_dir(self.run_dir, state.generation),
+             dict(run.info, generation=state.generation), arrays)
+        prune(self.run_dir, self.keep)
+        self._last(run, state)
+
+    def run_end(self, run, state) -> None:
+        self._last(run, state)
+
+    def _last(self, run, state) -> None:
+        save(last_dir(self.run_dir), dict(state.to_json(), **run.info), run.arrays())

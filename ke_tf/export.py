@@ -120,11 +120,6 @@ def write_class_names(directory: str, class_names: Sequence[str]) -> str:
     return path
 
 
-def read_class_names(path: str) -> list[str]:
-    with open(path) as f:
-        return f.read().splitlines()
-
-
 def export_run(run_dir: str, fmt: str, net: str, generation: int | None = None) -> str:
     """Exports network `net` of `run_dir`'s last (or `generation`'s) checkpoint into
     `run_dir/export/`; returns the path written. Raises ConfigError for a run directory or

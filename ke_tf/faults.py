@@ -8,7 +8,7 @@ Unset (always, outside tests), `point` costs one dictionary lookup.
 
 Points of a run: `batch` (after a training batch: mid-epoch), `epoch` (after an epoch's
 checkpoint), `evaluated` (a generation boundary: evaluated and checkpointed, not yet
-re-initialized), `export` (between the dense and the slim export), `checkpoint` (inside the
+re-initialized; these two are the `FaultPoints` hook, last of a run's hooks), `export` (between the dense and the slim export), `checkpoint` (inside the
 temporary directory of a checkpoint being written).
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ import signal
 from typing import Dict
 
 import keras
+
+from ke_tf.hooks import Hook
 
 ENV = "KE_TF_FAULT"
 _passages: Dict[str, int] = {}
@@ -62,3 +64,13 @@ class BatchFaults(keras.callbacks.Callback):
         if point("batch"):
             weight = self.model.trainable_variables[0]
             weight.assign(weight * float("nan"))
+
+
+class FaultPoints(Hook):
+    """`point("epoch")` after every epoch's hooks, `point("evaluated")` after a generation's."""
+
+    def epoch_end(self, run, state) -> None:
+        point("epoch")
+
+    def generation_end(self, run, state, evaluation) -> None:
+        point("evaluated")

@@ -14,8 +14,8 @@ Layout under `<run_dir>/tensorboard/`:
   `tensorboard --logdir runs/` lines up runs of different methods and split rates in one table.
 
 A resumed run (`Monitor(..., resumed=True)`) appends to the same directories without writing
-the flags and hparams again; `epoch_callback(..., first_epoch=k)` cuts the curve of a generation
-resumed after epoch k back to its first k epochs (what the checkpoint holds).
+the flags and hparams again; a generation resumed after epoch k has its curve cut back to its
+first k epochs (what the checkpoint holds) when it starts again.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
 from ke_tf import config as C
+from ke_tf.hooks import Hook
 
 # The flags that tell runs apart in the HParams dashboard, with their domains.
 HPARAMS = (
@@ -90,34 +91,6 @@ def hparams_of(flags: Dict) -> Dict[str, object]:
             if flags.get(name) is not None}
 
 
-class EpochProgress(keras.callbacks.Callback):
-    """A progress bar over the epochs of one generation, and per-epoch TensorBoard scalars."""
-
-    def __init__(self, writer, generation: int, generations: int, epochs: int, verbose: bool):
-        super().__init__()
-        self.writer, self.epochs, self.verbose = writer, epochs, verbose
-        self.title = f"generation {generation}/{generations}"
-        self.bar = None
-
-    def on_train_begin(self, logs=None):
-        if self.verbose:
-            print(self.title, flush=True)
-            self.bar = None  # created at the first epoch end, when the metric names are known
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = dict(logs or {})
-        logs["lr"] = float(self.model.optimizer.learning_rate.numpy())
-        with self.writer.as_default(step=epoch + 1):
-            for name, value in logs.items():
-                tf.summary.scalar(name, float(value))
-        if self.verbose:
-            if self.bar is None:  # values are end-of-epoch numbers: never average them
-                self.bar = keras.utils.Progbar(self.epochs, unit_name="epoch",
-                                               stateful_metrics=list(logs))
-            self.bar.update(epoch + 1, values=[(k, float(v)) for k, v in logs.items()],
-                            finalize=epoch + 1 == self.epochs)
-
-
 def truncate_events(log_dir: str, last_step: int) -> None:
     """Keep only the summaries of steps <= `last_step` in the event files of `log_dir` (one
     file, under the name of the first); a record cut short by a crash ends its file."""
@@ -142,8 +115,10 @@ def truncate_events(log_dir: str, last_step: int) -> None:
         os.unlink(path)
 
 
-class Monitor:
-    """TensorBoard writers of one run plus the console progress of its generations."""
+class Monitor(Hook):
+    """TensorBoard writers of one run plus the console progress of its generations (a hook:
+    `ke_tf.hooks`): a progress bar over each generation's epochs, the per-epoch curves, the
+    generation's points and the results table so far."""
 
     def __init__(self, log_dir: str, flags: Dict, verbose: bool = True, resumed: bool = False):
         """`flags`: the run's flat flags (config.json). `resumed`: the run goes on in a log
@@ -152,6 +127,7 @@ class Monitor:
         os.makedirs(log_dir, exist_ok=True)
         self.generations = tf.summary.create_file_writer(os.path.join(log_dir, GENERATIONS_RUN))
         self._writers: List = [self.generations]
+        self._epochs = None  # the writer and progress bar of the generation being trained
         if not resumed:
             self._write_flags(flags)
 
@@ -168,18 +144,39 @@ class Monitor:
         finally:
             session.close()
 
-    def epoch_callback(self, generation: int, generations: int, epochs: int,
-                       first_epoch: Optional[int] = None) -> EpochProgress:
-        """The callback of generation `generation`'s fit. `first_epoch`: where training of this
-        generation starts (a resumed run: the epochs its checkpoint holds); the generation's
-        curve is cut back to those epochs first, so epochs logged after the checkpoint and
-        trained again are not drawn twice. None: append to whatever is there."""
-        log_dir = os.path.join(self.log_dir, f"generation_{generation:03d}")
-        if first_epoch is not None:
-            truncate_events(log_dir, first_epoch)
+    def generation_start(self, run, state) -> None:
+        """The generation's curve (`generation_NNN/`), cut back to the epochs its checkpoint
+        holds (`state.epoch`: a resumed generation), so epochs logged after the checkpoint and
+        trained again are not drawn twice."""
+        log_dir = os.path.join(self.log_dir, f"generation_{state.generation:03d}")
+        truncate_events(log_dir, state.epoch)
         writer = tf.summary.create_file_writer(log_dir)
         self._writers.append(writer)
-        return EpochProgress(writer, generation, generations, epochs, self.verbose)
+        self._epochs = [writer, None]
+        if self.verbose:
+            print(f"generation {state.generation}/{run.generations}", flush=True)
+
+    def epoch_end(self, run, state) -> None:
+        """The epoch's training metrics and learning rate: scalars (step = epoch) and the bar."""
+        writer, bar = self._epochs
+        logs = {k[len("train_"):]: v for k, v in state.train.items()}
+        logs["lr"] = float(run.model.optimizer.learning_rate.numpy())
+        with writer.as_default(step=state.epoch):
+            for name, value in logs.items():
+                tf.summary.scalar(name, float(value))
+        if self.verbose:
+            if bar is None:  # values are end-of-epoch numbers: never average them
+                bar = self._epochs[1] = keras.utils.Progbar(
+                    run.epochs, unit_name="epoch", stateful_metrics=list(logs))
+            bar.update(state.epoch, values=[(k, float(v)) for k, v in logs.items()],
+                       finalize=state.epoch == run.epochs)
+
+    def generation_end(self, run, state, evaluation) -> None:
+        self.log_generation(evaluation.generation, evaluation.rows, run.task.columns,
+                            evaluation.train, evaluation.hypotheses)
+        self.print_table(state.rows, [c for c in run.columns if c not in
+                                      ("method", "split_mode", "split_rate", "macs")
+                                      and any(r[c] != "" for r in state.rows)])
 
     def log_generation(self, generation: int, rows: List[Dict], columns, train: Dict[str, float],
                        hypotheses: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> None:

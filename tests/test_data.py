@@ -19,6 +19,11 @@ from ke_tf.config import ConfigError, DataConfig
 MEAN, STD = np.array(data.IMAGENET_MEAN), np.array(data.IMAGENET_STD)
 
 
+
+def digits_config(**fields):
+    """The embedded digits at 32 px (the digits preset's size), other fields as given."""
+    return DataConfig(**{"dataset": "digits", "image_size": 32, **fields})
+
 def arrays(ds):
     """All batches of `ds` as (images, labels) numpy arrays."""
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
@@ -49,7 +54,7 @@ def offline(*args, **kwargs):
 
 @pytest.fixture(scope="module")
 def digits():
-    return data.load(DataConfig(batch_size=32))
+    return data.load(digits_config(batch_size=32))
 
 
 def test_digits_split_is_stratified_and_complete(digits):
@@ -68,11 +73,11 @@ def test_digits_split_is_stratified_and_complete(digits):
 
 def test_digits_split_does_not_depend_on_seed(digits):
     x0, y0 = arrays(digits.train_plain)
-    other = data.load(DataConfig(seed=7, digits_per_class=10))
+    other = data.load(digits_config(seed=7, digits_per_class=10))
     x7, y7 = arrays(other.train_plain)
     np.testing.assert_array_equal(y0, y7)
     np.testing.assert_array_equal(x0, x7)
-    more = data.load(DataConfig(digits_per_class=20))
+    more = data.load(digits_config(digits_per_class=20))
     assert (more.info.num_train, more.info.num_test) == (200, 1597)
 
 
@@ -89,7 +94,7 @@ def test_digits_images_shape_dtype_and_normalization(digits):
 
 
 def test_train_order_is_reproducible_and_reshuffled_every_epoch():
-    a, b = data.load(DataConfig(seed=3)), data.load(DataConfig(seed=3))
+    a, b = data.load(digits_config(seed=3)), data.load(digits_config(seed=3))
     a1, a2 = arrays(a.epoch(0)), arrays(a.epoch(1))  # two epochs
     b2, b1 = arrays(b.epoch(1)), arrays(b.epoch(0))  # a resumed run reads epoch 1 first
     for u, v in ((a1, b1), (a2, b2)):
@@ -97,7 +102,7 @@ def test_train_order_is_reproducible_and_reshuffled_every_epoch():
         np.testing.assert_array_equal(u[1], v[1])
     assert len(a1[1]) == len(a2[1]) == 100  # one full epoch, no drop_remainder
     assert not np.array_equal(a1[1], a2[1])
-    assert not np.array_equal(a1[1], arrays(data.load(DataConfig(seed=4)).train)[1])
+    assert not np.array_equal(a1[1], arrays(data.load(digits_config(seed=4)).train)[1])
 
 
 def test_augmentation_is_reproducible_and_differs_across_seeds_and_epochs(tmp_path):
@@ -121,7 +126,7 @@ def test_train_plain_and_test_are_fixed(digits):
 
 def test_digits_per_class_too_large():
     with pytest.raises(data.DataError, match="--digits_per_class"):
-        data.load(DataConfig(digits_per_class=174))
+        data.load(digits_config(digits_per_class=174))
 
 
 def test_invalid_config_is_a_config_error():
@@ -325,7 +330,7 @@ def test_tfds_prepared_offline_from_manual_dir(tmp_path, monkeypatch):
 
 def metric_config(**kwargs):
     p, k = kwargs.pop("p", 5), kwargs.pop("k", 5)
-    return DataConfig(task="metric", p_classes=p, k_images=k, batch_size=p * k, **kwargs)
+    return digits_config(task="metric", p_classes=p, k_images=k, batch_size=p * k, **kwargs)
 
 
 def assert_p_by_k(labels, p, k):

@@ -15,6 +15,7 @@ SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from ke_tf import config as C
     from ke_tf.generations import GenerationRunner
+    from ke_tf.hooks import Hook
 
     out = {}
     for strategy in ("none", "mirrored"):
@@ -22,18 +23,17 @@ SCRIPT = textwrap.dedent("""
             data=C.DataConfig(dataset="digits", image_size=16, batch_size=40, digits_per_class=8,
                               recal_images=20),
             model=C.ModelConfig(width_multiplier=0.125), split=C.SplitConfig(split_rate=0.5),
-            train=C.TrainConfig(generations=2, epochs=3, warmup_epochs=1, lr=0.005),
+            train=C.TrainConfig(generations=2, epochs=3, warmup_epochs=1, lr=0.005,
+                                weight_decay=5e-4, regularizer="smooth"),
             export=False, run_dir=sys.argv[1] + "/" + strategy, strategy=strategy,
             deterministic=True)
-        runner = GenerationRunner(cfg, verbose=False)
-        losses, save = [], runner.save_checkpoint
+        losses = []
 
-        def spy(g, epochs_done, evaluated, finished=False):
-            if not evaluated:
-                losses.append(runner._train["train_loss"])
-            save(g, epochs_done, evaluated, finished)
+        class Losses(Hook):  # the loss of every epoch, as the hooks see it
+            def epoch_end(self, run, state):
+                losses.append(state.train["train_loss"])
 
-        runner.save_checkpoint = spy
+        runner = GenerationRunner(cfg, verbose=False, hooks=[Losses()])
         rows = runner.run()
         out[strategy] = {"replicas": runner.strategy.num_replicas_in_sync, "losses": losses,
                          "top1": [r["test_top1"] for r in rows]}

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import conftest
 from ke_tf import checkpoint, export
 from ke_tf import config as C
 from ke_tf.generations import GenerationRunner
@@ -25,13 +26,7 @@ def trained(tmp_path_factory):
     """A tiny 2-generation KELS run (its export/dense and export/slim written by the run)."""
     root = tmp_path_factory.mktemp("serve")
     run_dir = root / RUN_NAME
-    cfg = C.RunConfig(
-        data=C.DataConfig(dataset="digits", image_size=16, batch_size=16, digits_per_class=4,
-                          recal_images=32),
-        model=C.ModelConfig(arch="resnet18", width_multiplier=1 / 16),
-        split=C.SplitConfig(split_mode="kels", split_rate=0.5),
-        train=C.TrainConfig(generations=2, epochs=1, warmup_epochs=0, lr=0.05),
-        run_dir=str(run_dir), seed=3)
+    cfg = conftest.tiny_config(run_dir, seed=3)
     runner = GenerationRunner(cfg, verbose=False)
     runner.run()
     x = next(iter(runner.data.test))[0].numpy()[:8]

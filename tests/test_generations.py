@@ -9,19 +9,15 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import conftest
 from ke_tf import config as C
-from ke_tf import generations, masks, reinit
+from ke_tf import masks, reinit
 from ke_tf.generations import GenerationRunner
 
 
-def tiny_config(run_dir):
-    return C.RunConfig(
-        data=C.DataConfig(dataset="digits", image_size=16, batch_size=16, digits_per_class=4,
-                          recal_images=32),
-        model=C.ModelConfig(arch="resnet18", width_multiplier=1 / 16),
-        split=C.SplitConfig(split_mode="kels", split_rate=0.5),
-        train=C.TrainConfig(generations=3, epochs=4, warmup_epochs=2, lr=0.05),
-        run_dir=str(run_dir), seed=3)
+def tiny_config(run_dir, **overrides):
+    return conftest.tiny_config(run_dir, **{"train": dict(generations=3, epochs=4, warmup_epochs=2),
+                                            "seed": 3, **overrides})
 
 
 def read_csv(path):
@@ -35,13 +31,14 @@ def digits_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     runner = GenerationRunner(tiny_config(run_dir), verbose=False)
     seen = {"start": [], "reset_calls": [], "train_fn": []}
-    train = runner.train_generation
+    train = runner.train
 
-    def spy_train(g, monitor, first_epoch=0):
+    def spy_train(state, hooks):
         seen["start"].append({v.path: v.numpy().copy() for v in runner.network.weights})
-        out = train(g, monitor, first_epoch)
+        out = train(state, hooks)
         seen["train_fn"].append(runner.model.train_function)
-        seen["end_" + str(g)] = {v.path: v.numpy().copy() for v in runner.network.weights}
+        seen["end_" + str(state.generation)] = {v.path: v.numpy().copy()
+                                                for v in runner.network.weights}
         return out
 
     real_reset = reinit.reset
@@ -50,12 +47,12 @@ def digits_run(tmp_path_factory):
         seen["reset_calls"].append(seed)
         real_reset(model, m, seed, reset_init)
 
-    runner.train_generation = spy_train
-    generations.reinit.reset = spy_reset
+    runner.train = spy_train
+    reinit.reset = spy_reset
     try:
         rows = runner.run()
     finally:
-        generations.reinit.reset = real_reset
+        reinit.reset = real_reset
     return runner, rows, seen, run_dir
 
 
@@ -134,9 +131,8 @@ def test_tensorboard_series(digits_run):
 
 
 def test_wels_run_has_no_slim_network(tmp_path):
-    cfg = tiny_config(tmp_path)
-    cfg = C.RunConfig(data=cfg.data, model=cfg.model, train=C.TrainConfig(generations=1, epochs=1, warmup_epochs=0),
-                      split=C.SplitConfig(split_mode="wels", split_rate=0.5), run_dir=str(tmp_path), export=False)
+    cfg = conftest.tiny_config(tmp_path, split=dict(split_mode="wels"), train=dict(generations=1),
+                               export=False)
     rows = GenerationRunner(cfg, verbose=False).run()
     assert [r["net"] for r in rows] == ["dense"]
     assert not (tmp_path / "export").exists()
@@ -146,11 +142,8 @@ def test_wels_run_has_no_slim_network(tmp_path):
     ("oxford_flowers102", 102, True), ("caltech_birds2011", 200, False),
     ("stanford_dogs", 120, False), ("cars196", 196, False)])
 def test_mocked_tfds_datasets(tmp_path, name, num_classes, has_val):
-    cfg = tiny_config(tmp_path)
-    cfg = C.RunConfig(
-        data=C.DataConfig(dataset=name, image_size=16, batch_size=8, recal_images=16),
-        model=cfg.model, split=cfg.split, run_dir=str(tmp_path), export=False,
-        train=C.TrainConfig(generations=2, epochs=1, warmup_epochs=0, regularizer="none"))
+    cfg = conftest.tiny_config(tmp_path, data=dict(dataset=name, batch_size=8, recal_images=16),
+                               train=dict(regularizer="none"), export=False)
     # mock_data fakes the records; the datasets count as prepared (no download attempted).
     with tfds.testing.mock_data(num_examples=12), \
             mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: True):
@@ -161,17 +154,13 @@ def test_mocked_tfds_datasets(tmp_path, name, num_classes, has_val):
     assert all((r["val_top1"] != "") == has_val for r in rows)
 
 
-def metric_config(run_dir, dataset="digits", image_size=16, p=5, k=2):
+def metric_config(run_dir, dataset="digits", image_size=16, p=5, k=2, **overrides):
     # Even batches: TF 2.21's oneDNN CPU kernels corrupt the heap training 4-8-channel nets on
     # odd batch sizes (see README, Limits).
-    return C.RunConfig(
-        data=C.DataConfig(dataset=dataset, task="metric", image_size=image_size, batch_size=p * k,
-                          p_classes=p, k_images=k, recal_images=30),
-        model=C.ModelConfig(arch="resnet18", width_multiplier=1 / 16, head="embedding",
-                            embedding_dim=16),
-        split=C.SplitConfig(split_mode="kels", split_rate=0.5),
-        train=C.TrainConfig(generations=2, epochs=1, warmup_epochs=0, lr=0.005),
-        run_dir=str(run_dir))
+    return conftest.tiny_config(
+        run_dir, data=dict(dataset=dataset, task="metric", image_size=image_size, batch_size=p * k,
+                           p_classes=p, k_images=k, recal_images=30, digits_per_class=10),
+        model=dict(head="embedding", embedding_dim=16), train=dict(lr=0.005), **overrides)
 
 
 def test_metric_learning_run_on_digits(tmp_path):
@@ -206,9 +195,7 @@ def test_metric_learning_run_on_digits(tmp_path):
 
 @pytest.mark.parametrize("name", ["caltech_birds2011", "cars196"])
 def test_metric_learning_on_mocked_tfds(tmp_path, name):
-    cfg = metric_config(tmp_path, dataset=name, p=4, k=2)
-    cfg = C.RunConfig(data=cfg.data, model=cfg.model, split=cfg.split, train=cfg.train,
-                      run_dir=str(tmp_path), export=False)
+    cfg = metric_config(tmp_path, dataset=name, p=4, k=2, export=False)
     with tfds.testing.mock_data(num_examples=80), \
             mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: True):
         rows = GenerationRunner(cfg, verbose=False).run()
@@ -220,12 +207,9 @@ def test_used_run_dir_is_refused_without_overwrite(tmp_path):
     with pytest.raises(C.ConfigError, match="--overwrite"):
         GenerationRunner(tiny_config(tmp_path), verbose=False)
     assert (tmp_path / "results.csv").read_text() == "from another run\n"
-    cfg = tiny_config(tmp_path)
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "stale").write_text("x")
-    cfg = C.RunConfig(data=cfg.data, model=cfg.model, split=cfg.split, run_dir=str(tmp_path),
-                      train=C.TrainConfig(generations=1, epochs=1, warmup_epochs=0),
-                      overwrite=True, export=False)
+    cfg = conftest.tiny_config(tmp_path, train=dict(generations=1), overwrite=True, export=False)
     GenerationRunner(cfg, verbose=False).run()
     assert len(read_csv(tmp_path / "results.csv")) == 3 and not (tmp_path / "export").exists()
     assert oct(os.stat(tmp_path / "results.csv").st_mode & 0o777) == oct(0o666 & ~_umask())
@@ -238,10 +222,8 @@ def _umask():
 
 
 def test_wels_rand_draws_a_new_mask_every_generation(tmp_path):
-    cfg = tiny_config(tmp_path)
-    cfg = C.RunConfig(data=cfg.data, model=cfg.model, run_dir=str(tmp_path), export=False,
-                      split=C.SplitConfig(split_mode="wels", split_rate=0.5, wels_rand=True),
-                      train=C.TrainConfig(generations=3, epochs=1, warmup_epochs=0), seed=5)
+    cfg = conftest.tiny_config(tmp_path, split=dict(split_mode="wels", wels_rand=True),
+                               train=dict(generations=3), export=False, seed=5)
     runner = GenerationRunner(cfg, verbose=False)
     first = runner.masks
     runner.run()
@@ -261,11 +243,10 @@ def test_folder_dataset_with_three_classes(tmp_path):
             for i in range(n):
                 img = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
                 (d / f"{i}.png").write_bytes(tf.io.encode_png(img).numpy())
-    cfg = tiny_config(tmp_path / "run")
-    cfg = C.RunConfig(data=C.DataConfig(dataset=f"folder:{tmp_path / 'imgs'}", image_size=16,
-                                        batch_size=6, recal_images=12),
-                      model=cfg.model, split=cfg.split, run_dir=str(tmp_path / "run"), export=False,
-                      train=C.TrainConfig(generations=1, epochs=1, warmup_epochs=0, regularizer="none"))
+    cfg = conftest.tiny_config(
+        tmp_path / "run", data=dict(dataset=f"folder:{tmp_path / 'imgs'}", batch_size=6,
+                                    recal_images=12),
+        train=dict(generations=1, regularizer="none"), export=False)
     rows = GenerationRunner(cfg, verbose=False).run()
     assert [r["test_top5"] for r in rows] == [100.0] * 3  # top-3 of 3 classes
 
@@ -276,10 +257,7 @@ def test_mixed_precision_and_xla_runs(tmp_path, option):
     and export; the global dtype policy is left as it was."""
     import keras
 
-    cfg = tiny_config(tmp_path)
-    cfg = C.RunConfig(data=cfg.data, model=cfg.model, split=cfg.split, run_dir=str(tmp_path),
-                      train=C.TrainConfig(generations=2, epochs=1, warmup_epochs=0),
-                      **{option: True})
+    cfg = conftest.tiny_config(tmp_path, **{option: True})
     runner = GenerationRunner(cfg, verbose=False)
     rows = runner.run()
     conv = runner.network.get_layer("conv1")

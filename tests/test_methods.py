@@ -2,22 +2,27 @@
 import numpy as np
 import pytest
 
+import conftest
 from ke_tf import config as C
-from ke_tf import masks, methods, networks, slim
+from ke_tf import masks, networks, slim
 from ke_tf.generations import GenerationRunner
+from ke_tf.hooks import Hooks
+from ke_tf.methods import dnr, dsd
+from ke_tf.state import RunState
 
 RESNET_PREFIXES = ("layer1", "layer2", "layer3", "layer4", "fc", "conv1", "bn1")
 
 
 def runner(tmp_path, method="ke", generations=2, epochs=1, **split):
-    cfg = C.RunConfig(
-        data=C.DataConfig(dataset="digits", image_size=16, batch_size=16, digits_per_class=4,
-                          recal_images=32),
-        model=C.ModelConfig(arch="resnet18", width_multiplier=1 / 16),
-        split=C.SplitConfig(**{"split_rate": 0.5, **split}),
-        train=C.TrainConfig(generations=generations, epochs=epochs, warmup_epochs=0),
-        run_dir=str(tmp_path), method=method, export=False)
+    cfg = conftest.tiny_config(tmp_path, split=split,
+                               train=dict(generations=generations, epochs=epochs),
+                               method=method, export=False)
     return GenerationRunner(cfg, verbose=False)
+
+
+def train(r, generation):
+    """Train generation `generation` of runner `r` from its first epoch, without side work."""
+    r.train(RunState(generation=generation), Hooks([]))
 
 
 def snapshot(net):
@@ -27,7 +32,7 @@ def snapshot(net):
 def test_llf_resets_every_kernel_from_layer4_on(tmp_path):
     r = runner(tmp_path, method="llf", reset_from="layer4")
     before = snapshot(r.network)
-    r.reinitialize(1)
+    r.between_generations(1)
     after = snapshot(r.network)
     for path, value in before.items():
         layer = path.split("/")[0]
@@ -49,7 +54,7 @@ def test_llf_with_an_unknown_block_names_the_flag(tmp_path):
 def test_evolve_mode_zero_sets_the_reset_hypothesis_to_zero(tmp_path):
     r = runner(tmp_path, evolve_mode="zero")
     before = snapshot(r.network)
-    r.reinitialize(1)
+    r.between_generations(1)
     after = snapshot(r.network)
     for path, m in r.masks.items():
         np.testing.assert_array_equal(after[path][m], before[path][m])
@@ -61,7 +66,7 @@ def test_fix_reset_seed_draws_the_same_values_every_generation(tmp_path):
     draws = {"fixed": [], "fresh": []}
     for name, r in (("fixed", fixed), ("fresh", fresh)):
         for g in (1, 2):
-            r.reinitialize(g)
+            r.between_generations(g)
             w, m = r.network.get_layer("layer2_0_conv1").kernel.numpy(), r.masks["layer2_0_conv1/kernel"]
             draws[name].append(w[~m])
     np.testing.assert_array_equal(*draws["fixed"])
@@ -70,7 +75,7 @@ def test_fix_reset_seed_draws_the_same_values_every_generation(tmp_path):
 
 def test_long_is_one_generation_of_all_the_epochs(tmp_path):
     r = runner(tmp_path, method="long", generations=3, epochs=2)
-    assert methods.schedule(r.config) == (1, 6)
+    assert r.method.schedule() == (1, 6)
     rows = r.run()
     assert {row["generation"] for row in rows} == {1} and {row["method"] for row in rows} == {"long"}
     assert r.model.optimizer.iterations.numpy() == 6 * 3  # 6 epochs of 3 batches (40 images / 16)
@@ -110,18 +115,15 @@ def test_method_flags_validate():
 
 
 def test_dsd_prunes_holds_at_zero_and_frees(tmp_path):
-    from ke_tf.monitor import Monitor
-
     r = runner(tmp_path, method="dsd", generations=3)
-    monitor = Monitor(str(tmp_path / "tb"), {}, verbose=False)
-    r.train_generation(1, monitor)
+    train(r, 1)
     trained = snapshot(r.network)
-    keep = methods.dsd_keep(r.network, 0.3)
+    keep = dsd.dsd_keep(r.network, 0.3)
     for path, k in keep.items():  # exactly the 30% smallest |w| of every kernel
         w = np.abs(trained[path])
         assert (~k).sum() == int(round(0.3 * w.size))
         assert w[~k].max() <= w[k].min()
-    r.reinitialize(1)  # generation 2 is sparse
+    r.between_generations(1)  # generation 2 is sparse
     pruned = snapshot(r.network)
     for path, value in trained.items():
         if path in keep:
@@ -129,16 +131,15 @@ def test_dsd_prunes_holds_at_zero_and_frees(tmp_path):
             np.testing.assert_array_equal(pruned[path][keep[path]], value[keep[path]])
         else:  # BatchNorm and biases are untouched
             np.testing.assert_array_equal(pruned[path], value, err_msg=path)
-    r.train_generation(2, monitor)
+    train(r, 2)
     after_sparse = snapshot(r.network)
     for path, k in keep.items():  # held at zero after every optimizer step
         assert not after_sparse[path][~k].any(), path
         assert (after_sparse[path][k] != pruned[path][k]).any(), path
-    r.reinitialize(2)  # generation 3 is dense again: the pruned weights are freed, from zero
-    r.train_generation(3, monitor)
+    r.between_generations(2)  # generation 3 is dense again: the pruned weights are freed, from zero
+    train(r, 3)
     freed = snapshot(r.network)
     assert all(freed[path][~k].any() for path, k in keep.items())
-    monitor.close()
 
 
 def test_dnr_scores_connection_sensitivity_and_keeps_the_top_share(tmp_path):
@@ -153,7 +154,7 @@ def test_dnr_scores_connection_sensitivity_and_keeps_the_top_share(tmp_path):
     model = keras.Model(i, keras.layers.Dense(3, name="fc")(keras.layers.Flatten()(x)))
     data = tf.data.Dataset.from_tensor_slices(
         (rng.normal(size=(12, 4, 4, 3)).astype("float32"), np.arange(12) % 3)).batch(4)
-    scores = methods.connection_sensitivity(model, data, num_batches=2)
+    scores = dnr.connection_sensitivity(model, data, num_batches=2)
     grads = [np.zeros(model.get_layer(n).kernel.shape) for n in ("conv", "fc")]
     for x_b, y_b in data.take(2):  # by hand: |w * sum_b |dL/dw||
         with tf.GradientTape() as tape:
@@ -163,13 +164,13 @@ def test_dnr_scores_connection_sensitivity_and_keeps_the_top_share(tmp_path):
             acc += np.abs(g.numpy())
     np.testing.assert_allclose(scores["conv/kernel"],
                                np.abs(model.get_layer("conv").kernel.numpy()) * grads[0], rtol=1e-5)
-    glob = methods.dnr_masks(model, data, 2, keep=0.4)
+    glob = dnr.dnr_masks(model, data, 2, keep=0.4)
     kept = np.concatenate([glob[k].ravel() for k in scores])
     all_scores = np.concatenate([scores[k].ravel() for k in scores])
     assert kept.sum() == round(0.4 * kept.size)  # one global threshold (no ties here)
     assert all_scores[kept].min() >= all_scores[~kept].max()
     assert glob["conv/bias"].all() and glob["fc/bias"].all()
-    per_layer = methods.dnr_masks(model, data, 2, keep=0.4, per_layer=True)
+    per_layer = dnr.dnr_masks(model, data, 2, keep=0.4, per_layer=True)
     for k in scores:
         assert per_layer[k].sum() == round(0.4 * per_layer[k].size)
 
@@ -178,7 +179,7 @@ def test_dnr_runner_recomputes_the_mask_and_resets_the_rest(tmp_path):
     r = runner(tmp_path, method="dnr")
     assert r.masks == {}
     before = snapshot(r.network)
-    r.reinitialize(1)
+    r.between_generations(1)
     after = snapshot(r.network)
     saved = masks.load(str(tmp_path / "masks.npz"))
     assert saved.keys() == r.masks.keys()

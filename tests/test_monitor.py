@@ -15,10 +15,12 @@ from tensorboard.plugins import base_plugin
 from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+import conftest
 from ke_tf import config as C
 from ke_tf import monitor as monitor_lib
 from ke_tf.generations import GenerationRunner
 from ke_tf.monitor import Monitor
+from ke_tf.state import RunState
 
 FLAGS = {"dataset": "digits", "task": "classification", "arch": "resnet18", "method": "ke",
          "split_mode": "kels", "split_rate": 0.5, "regularizer": "smooth", "seed": 3,
@@ -57,14 +59,15 @@ def fake_model(lr):
     return types.SimpleNamespace(optimizer=types.SimpleNamespace(learning_rate=tf.Variable(lr)))
 
 
-def log_epochs(monitor, generation, epochs, first_loss=1.0, first_epoch=None, upto=None):
-    """Epochs [first_epoch or 0, upto or epochs) of one generation through its callback."""
-    cb = monitor.epoch_callback(generation, 2, epochs, **(
-        {} if first_epoch is None else {"first_epoch": first_epoch}))
-    cb.set_model(fake_model(0.1))
-    cb.on_train_begin()
-    for e in range(first_epoch or 0, epochs if upto is None else upto):
-        cb.on_epoch_end(e, {"loss": first_loss - 0.1 * e, "top1": 0.5})
+def log_epochs(monitor, generation, epochs, first_loss=1.0, first_epoch=0, upto=None):
+    """Epochs [first_epoch, upto or epochs) of one generation through the monitor's hooks, as
+    the runner calls them (a generation resumed after epoch k starts with state.epoch = k)."""
+    run = types.SimpleNamespace(model=fake_model(0.1), generations=2, epochs=epochs)
+    state = RunState(generation=generation, epoch=first_epoch)
+    monitor.generation_start(run, state)
+    for e in range(first_epoch, epochs if upto is None else upto):
+        state.end_epoch(e + 1, {"loss": first_loss - 0.1 * e, "top1": 0.5})
+        monitor.epoch_end(run, state)
 
 
 @pytest.fixture
@@ -272,13 +275,8 @@ def test_console_table_and_quiet(capsys, tmp_path):
 
 def test_real_tiny_run(tmp_path):
     """GenerationRunner's TensorBoard directory, against its results.csv and hypotheses.csv."""
-    cfg = C.RunConfig(
-        data=C.DataConfig(dataset="digits", image_size=16, batch_size=16, digits_per_class=4,
-                          recal_images=32),
-        model=C.ModelConfig(arch="resnet18", width_multiplier=1 / 16),
-        split=C.SplitConfig(split_mode="kels", split_rate=0.5),
-        train=C.TrainConfig(generations=2, epochs=2, warmup_epochs=1, lr=0.05),
-        run_dir=str(tmp_path / "run"), seed=1, export=False)
+    cfg = conftest.tiny_config(tmp_path / "run", train=dict(epochs=2, warmup_epochs=1), seed=1,
+                               export=False)
     GenerationRunner(cfg, verbose=False).run()
     run_dir = tmp_path / "run"
     tb = run_dir / "tensorboard"

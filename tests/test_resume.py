@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+import conftest
 from ke_tf import checkpoint
 from ke_tf import config as C
 
@@ -163,12 +164,8 @@ def test_full_disk_while_checkpointing_exits_2_and_keeps_the_previous_checkpoint
 def test_keep_generations_and_load_networks(tmp_path):
     from ke_tf.generations import GenerationRunner
 
-    cfg = C.RunConfig(
-        data=C.DataConfig(dataset="digits", image_size=16, batch_size=20, digits_per_class=4,
-                          recal_images=20),
-        model=C.ModelConfig(width_multiplier=0.0625), split=C.SplitConfig(split_rate=0.5),
-        train=C.TrainConfig(generations=3, epochs=1, warmup_epochs=0), export=False,
-        run_dir=str(tmp_path), keep_generations=2, seed=7)
+    cfg = conftest.tiny_config(tmp_path, data=dict(batch_size=20, recal_images=20),
+                               train=dict(generations=3), export=False, keep_generations=2, seed=7)
     runner = GenerationRunner(cfg, verbose=False)
     runner.run()
     assert checkpoint.kept_generations(str(tmp_path)) == [2, 3]
@@ -189,12 +186,8 @@ def test_resume_in_the_same_python_process(tmp_path):
     the first one left: the optimizer state keys do not depend on how many exist."""
     from ke_tf.generations import GenerationRunner
 
-    cfg = C.RunConfig(
-        data=C.DataConfig(dataset="digits", image_size=16, batch_size=20, digits_per_class=4,
-                          recal_images=20),
-        model=C.ModelConfig(width_multiplier=0.0625), split=C.SplitConfig(split_rate=0.5),
-        train=C.TrainConfig(generations=2, epochs=2, warmup_epochs=0), export=False,
-        run_dir=str(tmp_path))
+    cfg = conftest.tiny_config(tmp_path, data=dict(batch_size=20, recal_images=20),
+                               train=dict(epochs=2), export=False)
     first = GenerationRunner(cfg, verbose=False)
     first.run()
     state, _ = checkpoint.load(checkpoint.last_dir(str(tmp_path)))

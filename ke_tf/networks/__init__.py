@@ -9,6 +9,7 @@ names. Weights are randomly initialized as in the official KE code (see `layers`
 """
 import keras
 
+from ke_tf.config import ARCHS, HEADS, STEMS  # the names, defined once (no TensorFlow there)
 from ke_tf.networks import densenet, googlenet, resnet, vgg
 from ke_tf.networks.layers import dense
 
@@ -21,9 +22,6 @@ _MODULES = {
     "densenet169": densenet,
     "googlenet": googlenet,
 }
-ARCHS = tuple(_MODULES)
-STEMS = ("imagenet", "small")
-HEADS = ("logits", "embedding")
 
 
 def default_stem(image_size):

@@ -1,0 +1,98 @@
+"""The interface every method implements, and the defaults most methods share.
+
+A `Method` is bound to a validated `RunConfig` and answers the GenerationRunner's questions; it
+holds no training state of its own (the runner holds the network, masks and optimizer, and
+`ke_tf.state.RunState` where the run stands), so a resumed run rebuilds the same method from
+the same config and goes on.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import keras
+
+from ke_tf import masks as masks_lib, reinit, slim
+from ke_tf.config import ConfigError, RunConfig
+
+
+def require(cond: bool, flag: str, msg: str, value) -> None:
+    """A method's flag rule: ConfigError naming `flag` unless `cond`."""
+    if not cond:
+        raise ConfigError(f"--{flag} {msg}. Received: {flag}={value!r}")
+
+
+class Method:
+    """The defaults: g generations of e epochs, the dense network trained and evaluated, no
+    masks, nothing done between generations. Subclasses override what their method changes."""
+
+    name = ""  # the --method value
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+
+    @classmethod
+    def validate(cls, config: RunConfig) -> None:
+        """The method's own cross-flag rules; raises ConfigError naming the flag."""
+        require(not config.split.wels_rand, "wels_rand",
+                f"only applies to --method=ke (got --method={cls.name})", config.split.wels_rand)
+
+    def schedule(self) -> Tuple[int, int]:
+        """(generations, epochs per generation) this method trains."""
+        return self.config.train.generations, self.config.train.epochs
+
+    def network(self, dense: keras.Model) -> keras.Model:
+        """The network trained, given the freshly built dense N."""
+        return dense
+
+    def initial_masks(self, network: keras.Model) -> masks_lib.Masks:
+        """The masks of generation 1 ({variable path: bool array}, fit = True)."""
+        return {}
+
+    def held_at_zero(self, network: keras.Model) -> Sequence[str]:
+        """Paths of the variables the method may pin to zero after every step (DSD)."""
+        return ()
+
+    def networks_to_evaluate(self, network: keras.Model,
+                             masks: masks_lib.Masks) -> Dict[str, keras.Model]:
+        """{row name: network} evaluated every generation, built once. A network other than
+        `network` is a slim one: the runner copies the fit hypothesis into it before it is
+        evaluated, and "slim_recal" has its BatchNorm statistics re-estimated first."""
+        return {"dense": network}
+
+    def between_generations(self, run, generation: int) -> masks_lib.Masks:
+        """After generation `generation` (< G) was evaluated: change the weights for the next
+        one, and return the masks it uses. `run` is the GenerationRunner (read `run.network`,
+        `run.masks`, `run.model`, `run.data`); a new masks object is saved as masks.npz."""
+        return run.masks
+
+    def split_columns(self) -> Dict[str, object]:
+        """The `split_mode` and `split_rate` cells of this method's results.csv rows."""
+        return {}
+
+    def slim_architecture(self, dense: keras.Model,
+                          masks: masks_lib.Masks) -> Optional[keras.Model]:
+        """The architecture of the slim network this method ships, rebuilt from a dense network
+        and the saved masks (to load a kept generation); None if it ships none."""
+        return None
+
+    # --- shared by the methods that re-draw a reset hypothesis ----------------------------------
+
+    def reinitialize(self, network: keras.Model, masks: masks_lib.Masks, generation: int) -> None:
+        """Eq. 1, W = M*W + (1-M)*W_r with W_r drawn fresh for generation g+1 from the run seed
+        (`reinit.reset`), or the ablations of the flags: --evolve_mode=zero (W_r = 0) and
+        --fix_reset_seed (the same W_r in every generation)."""
+        s = self.config.split
+        if s.evolve_mode == "zero":
+            reinit.apply(network, masks, reinit.zero_values(network, masks))
+        else:
+            seed = (self.config.seed, 1 if s.fix_reset_seed else generation)
+            reinit.reset(network, masks, seed=seed, reset_init=s.reset_init)
+
+    def kels_slim_networks(self, network: keras.Model,
+                           masks: masks_lib.Masks) -> Dict[str, keras.Model]:
+        """H_g as extracted ("slim") and, unless --slim_bn_recalibration=false, with re-estimated
+        BatchNorm statistics ("slim_recal"): two copies of the KELS slim architecture."""
+        nets = {"slim": slim.architecture(network, masks)}
+        if self.config.train.slim_bn_recalibration:
+            nets["slim_recal"] = slim.architecture(network, masks)
+        return nets
