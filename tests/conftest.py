@@ -12,6 +12,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: starts Python processes (the CLI, tools, killed and resumed runs); "
+        "`pytest -m 'not slow' tests` leaves them out while developing, CI runs them all")
+
+
 def randomize_batchnorm_and_biases(model, seed=0):
     """Non-trivial BatchNorm statistics and biases, so equivalence tests can fail."""
     rng = np.random.default_rng(seed)

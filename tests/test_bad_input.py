@@ -72,6 +72,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_exits_2_names_the_problem_and_writes_nothing(case, tmp_path):
     args, message = CASES[case]

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import keras
+import pytest
 
 from ke_tf import cost, masks
 
@@ -30,6 +31,7 @@ def test_counts_by_hand():
     assert cost.total(model) == (108 + 8 + 40 + 34 + 35, 64 * 108 + 16 * 36 + 16 * 28 + 30)
 
 
+@pytest.mark.slow
 def test_profile_tool_reproduces_table6():
     proc = subprocess.run(
         [sys.executable, "tools/profile.py", "--arch=resnet18", "--split_rate=0.5",

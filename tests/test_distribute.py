@@ -7,6 +7,9 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 SCRIPT = textwrap.dedent("""
     import json, sys

@@ -125,6 +125,7 @@ def cli_subprocess(args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,named", [
     ([], "RUN_DIR"),
     (["no/such/run"], "no/such/run"),
@@ -139,6 +140,7 @@ def test_bad_usage_exits_2(tmp_path, args, named):
     assert os.listdir(tmp_path / "empty") == []
 
 
+@pytest.mark.slow
 def test_cli_process_with_checkpoints(trained):
     proc = cli_subprocess([trained.run_dir, "--format=tflite", "--net=dense"], cwd=trained.root)
     assert proc.returncode == 0, proc.stderr
@@ -153,6 +155,7 @@ def readme_serving_example():
     return re.search(r"```py\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_readme_serving_example(trained, load_networks, tmp_path):
     """The README's example, verbatim, on an image file of a digit."""
     export.export_run(trained.run_dir, "saved_model", "slim")  # what the README's command runs

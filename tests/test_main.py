@@ -15,6 +15,7 @@ def run_cli(args, cwd, module="ke_tf.main", timeout=600):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,flag", [
     (["--split_rate=1.5"], "split_rate"),
     (["--split_rate=0"], "split_rate"),
@@ -39,6 +40,7 @@ def test_bad_usage_exits_2_naming_the_flag_and_writes_nothing(tmp_path, args, fl
     assert not run_dir.exists() and os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_unwritable_run_dir_exits_2(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -89,6 +91,7 @@ def test_config_errors_name_the_flag():
         C.RunConfig(data=C.DataConfig(task="metric", batch_size=125)).validate()
 
 
+@pytest.mark.slow
 def test_main_job_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     # Even batches: TF 2.21's oneDNN CPU kernels abort training 4-channel nets on odd ones.
@@ -104,6 +107,7 @@ def test_main_job_end_to_end(tmp_path):
         assert (run_dir / name).exists(), name
 
 
+@pytest.mark.slow
 def test_console_script_is_the_same_program(tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "ke-tf")
     proc = subprocess.run([script, "--split_rate=2", f"--run_dir={tmp_path / 'r'}"],
@@ -114,6 +118,7 @@ def test_console_script_is_the_same_program(tmp_path):
     assert "--split_rate" in helpfull.stdout and "--generations" in helpfull.stdout
 
 
+@pytest.mark.slow
 def test_missing_tfds_data_offline_is_one_clear_message(tmp_path):
     data_dir = tmp_path / "tfds"
     data_dir.mkdir()
@@ -125,6 +130,7 @@ def test_missing_tfds_data_offline_is_one_clear_message(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_helpfull_groups_the_flags_by_topic_with_short_help():
     from ke_tf import main
 

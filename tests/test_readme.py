@@ -29,3 +29,21 @@ def test_python_api_example_runs(capsys):
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "(11228838, 1813613568) (2825094, 482919936)" in printed  # Table 6
+
+
+def test_training_from_python_example_runs(capsys, tmp_path, monkeypatch):
+    """The README's "Training from Python" example, as written, in a fresh directory."""
+    import keras
+
+    code = re.findall(r"```python\n(.*?)```", read("README.md"), re.S)[1]
+    assert "presets.digits(" in code
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    rows = eval(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(g, net) for g, net, _ in rows] == [
+        (g, net) for g in (1, 2) for net in ("dense", "slim", "slim_recal")]
+    assert all(0 <= top1 <= 100 for _, _, top1 in rows)
+    assert isinstance(scope["slim_net"], keras.Model)
+    assert (tmp_path / "runs" / "python-digits" / "export" / "slim").is_dir()
+    assert scope["runner"].state.finished and scope["runner"].state.generation == 2

@@ -71,6 +71,7 @@ KILLS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("instant", sorted(KILLS))
 def test_killed_run_resumes_to_the_uninterrupted_result(instant, reference, tmp_path):
     name, fault = KILLS[instant]
@@ -102,6 +103,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(instant, reference, tmp_
     assert leftovers(run_dir) == []
 
 
+@pytest.mark.slow
 def test_resume_restores_masks_and_weights_exactly(reference, tmp_path):
     """The checkpoint of generation 2 of a killed-and-resumed WELS-Rand run holds the very
     arrays of the uninterrupted run's."""
@@ -119,6 +121,7 @@ def test_resume_restores_masks_and_weights_exactly(reference, tmp_path):
         np.testing.assert_array_equal(mine["dense"][key], value)
 
 
+@pytest.mark.slow
 def test_finished_run_is_left_as_it_is(reference):
     run_dir = reference["kels"]
     before = digest(os.path.join(run_dir, "results.csv"))
@@ -128,6 +131,7 @@ def test_finished_run_is_left_as_it_is(reference):
     assert digest(os.path.join(run_dir, "results.csv")) == before
 
 
+@pytest.mark.slow
 def test_other_flags_are_refused_with_the_differences(reference):
     run_dir = reference["kels"]
     proc = ke_main(run_dir, KELS + ["--lr=0.1", "--epochs=4"])
@@ -138,6 +142,7 @@ def test_other_flags_are_refused_with_the_differences(reference):
         assert json.load(f)["lr"] == 0.05  # untouched
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_status_1_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir = str(tmp_path / "run")
     proc = ke_main(run_dir, KELS, "nan:batch:3")  # weights poisoned during epoch 2
@@ -150,6 +155,7 @@ def test_nan_loss_stops_with_status_1_and_keeps_the_last_good_checkpoint(tmp_pat
     assert leftovers(run_dir) == []
 
 
+@pytest.mark.slow
 def test_full_disk_while_checkpointing_exits_2_and_keeps_the_previous_checkpoint(tmp_path):
     run_dir = str(tmp_path / "run")
     proc = ke_main(run_dir, KELS, "enospc:checkpoint:2")  # the second epoch's checkpoint
