@@ -13,15 +13,17 @@ intermediate numbers (`plain_images_per_s`, `pipeline_vs_model_digits`, ...) und
 Progress and per-pair numbers go to stderr.
 
 What is measured:
-  train_images_per_s[_bf16]: KEModel (compiled, driven by Model.fit, KELS s=0.5 masks computed)
-    training ResNet18 (ImageNet stem, 120 classes, 64 px, batch 32, SGD momentum 0.9, wd 1e-4)
-    from one in-memory batch; `_bf16` under the Keras policy "mixed_bfloat16".
+  train_images_per_s[_bf16]: KEModel (compiled, driven by Model.fit) training ResNet18 (ImageNet
+    stem, 120 classes, 64 px, batch 32, SGD momentum 0.9, wd 1e-4) from one in-memory batch;
+    `_bf16` under the Keras policy "mixed_bfloat16".
   ke_vs_plain_throughput: that KE step vs plain `keras.Model.fit` of the same network.
   reinit_seconds_resnet50: reinit.reset (KELS s=0.5) + restart_optimizer + schedule restart of a
     ResNet50 (224 px, 1000 classes) with a built optimizer.
-  gen2_first_epoch_vs_steady: the digits model (ResNet18 x0.25, 32 px, batch 25, 400 in-memory
-    images): the first epoch of generation g+1 (after reset and restarts) over a steady epoch of
-    generation g. `_pipeline` (--details): the same fed by ke_tf.data's digits pipeline.
+  gen2_first_epoch_vs_steady: the digits default (ResNet18 x0.25, 32 px, batch 25, 400 in-memory
+    images) trained by the real GenerationRunner, its epochs timed by a hook (checkpoints/last
+    written after every epoch included): the first epoch of generation g+1 (after Eq. 1 and
+    the restarts) over a steady epoch of generation g. `_pipeline` (--details): the same fed by
+    ke_tf.data's digits pipeline.
   slim_vs_dense_latency_b{1,32}: tf.function inference latency of the KELS s=0.5 slim ResNet18
     (224 px, ImageNet stem) over the dense one.
   pipeline_vs_model: min of `pipeline_vs_model_digits` and `pipeline_vs_model_224`: images/s of
@@ -90,10 +92,10 @@ def _train_batch(size, batch, classes, seed=0):
 
 
 def _build_trainer(s, kind, policy="float32", jit_compile=False):
-    """A compiled model training s["arch"]: kind "ke" (KEModel, KELS s=0.5 masks computed) or
+    """A compiled model training s["arch"]: kind "ke" (KEModel, its coupled weight decay) or
     "plain" (the functional network's own Model.fit)."""
     import keras
-    from ke_tf import losses, masks, networks
+    from ke_tf import losses, networks
     from ke_tf.model import KEModel
 
     previous = keras.mixed_precision.global_policy()
@@ -106,7 +108,6 @@ def _build_trainer(s, kind, policy="float32", jit_compile=False):
     model = net
     if kind == "ke":
         model = KEModel(net, weight_decay=1e-4)
-        model.masks = masks.compute(net, "kels", 0.5, seed=0)  # live, used between generations
     model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
                   loss=losses.SparseCrossEntropy(), jit_compile=jit_compile)
     return model
@@ -207,55 +208,63 @@ def bench_reinit(s, pairs):
 
 
 def bench_gen2(s, pairs, source="memory"):
-    """Generations of the digits default model (ResNet18 x0.25, 32 px, batch 25, KE step), each
-    `epochs` epochs; median ratio of each generation's first epoch to the previous generation's
-    steady epochs (all but its first). `source`: "memory" (a tf.data pipeline of in-memory
-    images, built anew for every generation: the model's own restart cost) or "pipeline"
-    (`ke_tf.data` digits, `train_from` for every generation as the runner does)."""
-    import keras
+    """Generations of the digits default (`presets.digits`: ResNet18 x0.25, 32 px, batch 25,
+    KELS s=0.8), `epochs` epochs each, trained by the real `GenerationRunner` (pairs + 1
+    generations, a temporary run directory, no export): the median over generations g >= 2 of
+    g's first epoch over the median of generation g-1's steady epochs (all but its first).
+
+    A hook times the epochs: from one `epoch_end` to the next, a generation's first epoch from
+    its `generation_start` (after the optimizer restart; it holds `fit`'s start and the data's
+    `train_from`, not Eq. 1's re-initialization before it, which `bench_reinit` times). An
+    epoch is a real run's: the runner's own hooks included (TensorBoard scalars and
+    `checkpoints/last` written after every epoch). `source`: "memory" (the digits data with
+    `train_from` giving in-memory images, a new tf.data pipeline every generation: the
+    model's own restart cost) or "pipeline" (the `ke_tf.data` digits pipeline, as a run)."""
+    import dataclasses
+    import shutil
+    import tempfile
+
     import tensorflow as tf
-    from ke_tf import data, losses, masks, networks, reinit
-    from ke_tf.config import DataConfig
-    from ke_tf.model import KEModel, LearningRateSchedule, restart_optimizer
+    from ke_tf import data, presets
+    from ke_tf.generations import GenerationRunner
+    from ke_tf.hooks import Hook
 
-    d = data.load(DataConfig(dataset="digits", image_size=32, batch_size=25,
-                             digits_per_class=s["digits_per_class"]))
-    x, y = _train_batch(32, d.info.num_train, 10, seed=1)
+    class EpochClock(Hook):
+        def __init__(self):
+            self.seconds = []  # per generation, its epochs' seconds
 
-    def train(first_epoch):
-        if source == "pipeline":
-            return d.train_from(first_epoch)
-        return tf.data.Dataset.from_tensor_slices((x, y)).batch(25).repeat()
+        def generation_start(self, run, state):
+            self.seconds.append([])
+            self.last = time.perf_counter()
 
-    net = networks.build("resnet18", d.info.num_classes, 32, width_multiplier=0.25)
-    m = masks.compute(net, "kels", 0.8, seed=0)
-    model = KEModel(net, weight_decay=5e-4)
-    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
-                  loss=losses.SparseCrossEntropy(0.1), metrics=["accuracy"])
-    epochs = s["epochs"]
+        def epoch_end(self, run, state):
+            now = time.perf_counter()
+            self.seconds[-1].append(now - self.last)
+            self.last = now
 
-    class EpochClock(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.start = time.perf_counter()
+    clock = EpochClock()
+    run_dir = tempfile.mkdtemp(prefix="ke_bench_gen2_")
+    try:
+        config = presets.digits(generations=pairs + 1, epochs=s["epochs"], run_dir=run_dir,
+                                export=False, digits_per_class=s["digits_per_class"])
+        d = None  # "pipeline": the runner loads the digits pipeline itself
+        if source == "memory":
+            d = data.load(config.data)
+            x, y = _train_batch(config.data.image_size, d.info.num_train, d.info.num_classes,
+                                seed=1)
 
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds.append(time.perf_counter() - self.start)
+            def in_memory(first_epoch):
+                return tf.data.Dataset.from_tensor_slices((x, y)).batch(
+                    config.data.batch_size).repeat()
 
-    ratios, previous = [], None
-    for g in range(1, pairs + 2):
-        if g > 1:
-            reinit.reset(net, m, seed=(0, g - 1))
-        restart_optimizer(model.optimizer)
-        clock = EpochClock()
-        clock.seconds = []
-        model.fit(train((g - 1) * epochs), steps_per_epoch=d.steps_per_epoch,
-                  epochs=epochs, verbose=0, shuffle=False,
-                  callbacks=[LearningRateSchedule(0.05, epochs, 1), clock])
-        if previous is not None:
-            ratios.append(clock.seconds[0] / median(previous[1:]))
-        previous = clock.seconds
-        log(f"generation {g} epochs ({source}): "
-            + ", ".join(f"{t:.3f}" for t in clock.seconds) + " s")
+            d = dataclasses.replace(d, train_from=in_memory)
+        GenerationRunner(config, data=d, verbose=False, hooks=[clock]).run()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    for g, seconds in enumerate(clock.seconds, 1):
+        log(f"generation {g} epochs ({source}): " + ", ".join(f"{t:.3f}" for t in seconds) + " s")
+    ratios = [seconds[0] / median(previous[1:])
+              for previous, seconds in zip(clock.seconds, clock.seconds[1:])]
     key = "gen2_first_epoch_vs_steady" + ("_pipeline" if source == "pipeline" else "")
     return {key: median(ratios)}
 
@@ -492,4 +501,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Benchmark this checkout's ke_tf: run as a script, sys.path[0] is tools/, and an installed
+    # (possibly older) copy of the package would be imported instead.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())
