@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = {"train_images_per_s", "train_images_per_s_bf16", "ke_vs_plain_throughput",
             "reinit_seconds_resnet50", "gen2_first_epoch_vs_steady", "slim_vs_dense_latency_b1",
