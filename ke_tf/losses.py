@@ -11,6 +11,8 @@ reproduces; tensorflow-addons itself is archived and does not work with Keras 3.
 """
 from __future__ import annotations
 
+import math
+
 import keras
 import tensorflow as tf
 
@@ -215,3 +217,65 @@ def class_wise_kd(anchor_logits, partner_logits, temperature: float = 4.0) -> tf
     n = tf.cast(tf.shape(anchor)[0], tf.float32)
     return tf.reduce_sum(kl) * temperature**2 / n
 
+
+
+def adacos_initial_scale(num_classes: int) -> float:
+    """AdaCos's fixed scale sqrt(2) * ln(C - 1) (Zhang et al., CVPR 2019, sec. 4.1), the initial
+    scale of the dynamic rule of `adacos_logits`."""
+    if num_classes < 2:
+        raise ValueError(f"AdaCos needs at least 2 classes. Received: num_classes={num_classes!r}")
+    return math.sqrt(2.0) * math.log(num_classes - 1)
+
+
+def adacos_logits(features, class_weights, labels, scale):
+    """Training logits of AdaCos (Zhang, Zhao, Liu, Fu & Zhu, "AdaCos: Adaptively Scaling
+    Cosine Logits for Effectively Learning Deep Face Representations", CVPR 2019, sec. 4.2).
+
+    In this order:
+
+    1. L2-normalise every feature row ([N, D]) and every class-weight column ([D, C]);
+       cos = normalised features @ normalised weights ([N, C]).
+    2. theta = arccos(clip(cos, -1 + 1e-7, 1 - 1e-7)).
+    3. Without gradient (tf.stop_gradient), the dynamic scale of the batch from the OLD one:
+       B_avg = (1/N) sum_i sum_{j != y_i} exp(scale * cos_ij), theta_med = the median of the
+       target angles theta_{i, y_i} (for an even N the lower of the two middle values, as
+       torch.median returns), new_scale = ln(B_avg) / cos(min(pi/4, theta_med)).
+    4. logits = new_scale * cos: the NEW scale, just computed from the old one, scales this
+       batch's logits (as 4uiiurz1/pytorch-adacos does); the caller keeps new_scale as the
+       `scale` of the next batch.
+
+    Unlike that widely used PyTorch code, this is the paper's rule: no additive angular margin
+    on the target logits (it applies ArcFace's m = 0.5 by default) and the median over the
+    target angles theta_{i, y_i} only (it takes the median of all N x C angles).
+
+    The gradient flows to `features` and `class_weights` through cos only; new_scale is a
+    constant of the batch. At evaluation there are no labels and no scale update: the logits
+    are the cosines themselves (their arg max, or the normalised features for retrieval);
+    this function is for training only.
+
+    Args:
+      features: [N, D] embeddings, any float dtype (computed in float32).
+      class_weights: [D, C] class centres, one per column.
+      labels: [N] (or [N, 1]) integer target classes.
+      scale: the scalar scale of the previous batch (`adacos_initial_scale(C)` at first).
+
+    Returns:
+      (logits [N, C], new_scale []), both float32.
+    """
+    x = tf.math.l2_normalize(tf.cast(tf.convert_to_tensor(features), tf.float32), axis=1)
+    w = tf.math.l2_normalize(tf.cast(tf.convert_to_tensor(class_weights), tf.float32), axis=0)
+    labels = tf.reshape(tf.cast(tf.convert_to_tensor(labels), tf.int32), [-1])
+    scale = tf.cast(tf.convert_to_tensor(scale), tf.float32)
+    cos = tf.matmul(x, w)
+    theta = tf.acos(tf.clip_by_value(cos, -1.0 + 1e-7, 1.0 - 1e-7))
+
+    const_cos = tf.stop_gradient(cos)
+    const_theta = tf.stop_gradient(theta)
+    target = tf.one_hot(labels, tf.shape(cos)[1], dtype=tf.float32)
+    n = tf.shape(cos)[0]
+    b_avg = tf.reduce_sum(tf.exp(scale * const_cos) * (1.0 - target)) / tf.cast(n, tf.float32)
+    target_theta = tf.sort(tf.gather(const_theta, labels[:, tf.newaxis], batch_dims=1)[:, 0])
+    theta_med = target_theta[(n - 1) // 2]  # the lower middle value, as torch.median
+    new_scale = tf.stop_gradient(
+        tf.math.log(b_avg) / tf.cos(tf.minimum(tf.constant(math.pi / 4, tf.float32), theta_med)))
+    return new_scale * cos, new_scale
