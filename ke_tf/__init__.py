@@ -2,11 +2,15 @@
 
 Modules, one concept each: ``networks`` (architectures), ``graph`` (channel sets through a Keras
 functional graph), ``masks`` (KELS/WELS split masks, sec. 3.2), ``reinit`` (Eq. 1), ``slim``
-(the fit hypothesis as its own network), ``cost`` (parameters and MACs), ``config``, ``data``,
-``losses``, ``metrics``, ``tasks`` (classification vs metric learning), ``model``
-(train_step), ``methods`` (KE and its peers: LLF, DSD, DNR, long, slim from scratch),
-``generations`` (the KE loop), ``results`` (the CSV tables), ``monitor``, ``export``, ``atomic``
-(atomic outputs), ``cli`` (exit statuses) and ``main`` (the command line).
+(the fit hypothesis as its own network), ``cost`` (parameters and MACs), ``config`` (the
+paper's settings as defaults), ``presets`` (named settings), ``data`` (sources, transforms,
+pipelines), ``losses``, ``metrics``, ``tasks`` (classification vs metric learning), ``model``
+(train_step), ``methods`` (one object per method: KE and its peers LLF, DSD, DNR, long, slim
+from scratch), ``generations`` (the KE loop), ``state`` (where a run stands), ``hooks`` (the
+side work's interface), ``results`` (the CSV tables), ``checkpoint`` (resume and export),
+``repr_filters`` (RePr's filter ranking and orthogonal re-init, for the RePr baseline),
+``monitor``, ``export``, ``faults`` (fault injection), ``atomic`` (atomic outputs), ``cli``
+(exit statuses) and ``main`` (the command line).
 """
 
 __version__ = "0.1.0"

@@ -151,6 +151,7 @@ class SplitConfig:
 
 
 REGULARIZERS = ("none", "smooth", "cskd")
+LOSSES = ("ce", "adacos")
 STRATEGIES = ("none", "mirrored")
 
 
@@ -176,6 +177,12 @@ class TrainConfig:
     dnr_data_fraction: float = 0.2
     dnr_threshold: str = "global"
     slim_bn_recalibration: bool = True
+    loss: str = "ce"  # "adacos": cosine logits with AdaCos's adaptive scale (Zhang et al. 2019)
+    repr_s1: Optional[int] = None  # RePr: dense epochs per cycle (None: a quarter of the run)
+    repr_s2: Optional[int] = None  # RePr: sparse epochs per cycle (None: a twentieth)
+    repr_prune: float = 0.3  # RePr: share of all conv filters dropped in a sparse phase
+    bans_temperature: float = 1.0  # Born-Again Networks: distillation temperature
+    bans_lambda: float = 1.0  # Born-Again Networks: weight of KL(teacher || student)
 
     def validate(self) -> "TrainConfig":
         _require(1 <= self.generations <= 10000, "generations", "must be in [1, 10000]",
@@ -203,6 +210,17 @@ class TrainConfig:
         if self.regularizer == "smooth":
             _require(self.label_smoothing > 0, "label_smoothing",
                      "must be > 0 with --regularizer=smooth", self.label_smoothing)
+        _require(self.loss in LOSSES, "loss", f"must be one of {', '.join(LOSSES)}", self.loss)
+        _require(not (self.loss == "adacos" and self.regularizer == "cskd"), "loss",
+                 "adacos cannot be combined with --regularizer=cskd (CS-KD distills logits, "
+                 "AdaCos trains cosines)", self.loss)
+        for name in ("repr_s1", "repr_s2"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, name, "must be >= 1 (or unset)", value)
+        _require(0 < self.repr_prune < 1, "repr_prune", "must be in (0, 1)", self.repr_prune)
+        _require(self.bans_temperature > 0, "bans_temperature", "must be > 0",
+                 self.bans_temperature)
+        _require(self.bans_lambda >= 0, "bans_lambda", "must be >= 0", self.bans_lambda)
         return self
 
 
@@ -261,6 +279,8 @@ class RunConfig:
         else:
             _require(self.model.head == "logits", "head",
                      "must be logits with --task=classification", self.model.head)
+        _require(self.train.loss == "ce" or self.data.task == "classification", "loss",
+                 f"{self.train.loss} needs --task=classification", self.train.loss)
         methods.get(self.method).validate(self)
         return self
 

@@ -46,16 +46,16 @@ def check_finite(run_dir: str, generation: int, epoch: int, logs: Dict[str, floa
                  network: keras.Model) -> None:
     """RunError (exit 1) if the epoch's loss or metrics, or the weights, are NaN or infinite:
     the run stops before checkpointing them, and the last good checkpoint stays."""
-    where = (f"generation {generation}, epoch {epoch}", "; the run stopped. The last good "
-             f"checkpoint (the epoch before) is kept in {checkpoint.last_dir(run_dir)}. Lower "
-             "--lr or check the data, and start again with --overwrite")
+    where = f"generation {generation}, epoch {epoch}"
+    kept = (f"; the run stopped. The last good checkpoint (the epoch before) is kept in "
+            f"{checkpoint.last_dir(run_dir)}. Lower --lr or check the data, and start again "
+            "with --overwrite")
     bad = ", ".join(f"{k}={v}" for k, v in logs.items() if not np.isfinite(v))
     if bad:
-        raise RunError(f"{where[0]}: training diverged ({bad}){where[1]}")
+        raise RunError(f"{where}: training diverged ({bad}){kept}")
     weights = [v.path for v in network.variables if not np.isfinite(v.numpy()).all()]
     if weights:
-        raise RunError(f"{where[0]}: the weights are no longer finite ({weights[0]}, ...)"
-                       f"{where[1]}")
+        raise RunError(f"{where}: the weights are no longer finite ({weights[0]}, ...){kept}")
 
 
 class _EpochEnd(keras.callbacks.Callback):
@@ -71,6 +71,7 @@ class _EpochEnd(keras.callbacks.Callback):
         check_finite(self.run.config.run_dir, self.state.generation, epoch + 1, logs,
                      self.run.network)
         self.state.end_epoch(epoch + 1, logs)
+        self.run.use_masks(self.run.method.after_epoch(self.run, epoch + 1))
         self.hooks.epoch_end(self.run, self.state)
 
 
@@ -262,7 +263,10 @@ class GenerationRunner:
     def between_generations(self, generation: int) -> None:
         """The method's rule after generation g (KE: Eq. 1 on the reset hypothesis); masks it
         changes (WELS-Rand, DNR) are saved as masks.npz."""
-        masks = self.method.between_generations(self, generation)
+        self.use_masks(self.method.between_generations(self, generation))
+
+    def use_masks(self, masks: masks_lib.Masks) -> None:
+        """The masks a method returned: new ones are used from now on and saved as masks.npz."""
         if masks is not self.masks:
             self.masks = masks
             masks_lib.save(os.path.join(self.config.run_dir, "masks.npz"), masks)
@@ -294,11 +298,16 @@ class GenerationRunner:
 
     def arrays(self) -> Dict[str, Dict[str, np.ndarray]]:
         """What `checkpoints/last` holds besides the state: network and optimizer variables by
-        path, the masks in use and DSD's 0/1 multipliers."""
-        return {"network": checkpoint.variables_of(self.network.variables),
-                "optimizer": checkpoint.variables_of(self.model.optimizer.variables),
-                "masks": self.masks,
-                "held": {str(i): v for i, v in enumerate(self.model.held_values())}}
+        path, the masks in use, the 0/1 multipliers of weights held at zero (DSD, RePr) and
+        the method's own arrays, if any."""
+        groups = {"network": checkpoint.variables_of(self.network.variables),
+                  "optimizer": checkpoint.variables_of(self.model.optimizer.variables),
+                  "masks": self.masks,
+                  "held": {str(i): v for i, v in enumerate(self.model.held_values())}}
+        extra = self.method.arrays(self)
+        if extra:
+            groups["method"] = extra
+        return groups
 
     def _start(self) -> Tuple[RunState, bool]:
         """(state, resumed): a fresh run directory and state, or the run to resume in it."""
@@ -333,6 +342,7 @@ class GenerationRunner:
         self.masks = {k: v.astype(bool) for k, v in arrays.get("masks", {}).items()}
         held = arrays.get("held", {})
         self.model.held_values([held[str(i)] for i in range(len(held))])
+        self.method.restore(self, arrays.get("method", {}))
         if state.evaluated:  # the slim networks as evaluated, exported next: the fit weights,
             for net in self.nets.values():  # and the shipped one exactly as kept
                 if net is not self.network:

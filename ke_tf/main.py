@@ -80,6 +80,19 @@ flags.DEFINE_float("dnr_data_fraction", D["dnr_data_fraction"], "--method=dnr: s
                    "score the weights.", module_name=METHOD)
 flags.DEFINE_enum("dnr_threshold", D["dnr_threshold"], C.DNR_THRESHOLDS, "--method=dnr: keep the top "
                   "--split_rate over the network or per layer.", module_name=METHOD)
+flags.DEFINE_enum("loss", D["loss"], C.LOSSES, "ce (cross entropy on logits) or adacos (cosine "
+                  "logits, adaptive scale; combines with any --method).", module_name=METHOD)
+flags.DEFINE_integer("repr_s1", None, "--method=repr: dense epochs of a cycle [default: a "
+                     "quarter of the run, 50 of 200 as the paper].", lower_bound=1,
+                     module_name=METHOD)
+flags.DEFINE_integer("repr_s2", None, "--method=repr: sparse epochs of a cycle [default: a "
+                     "twentieth of the run, 10 of 200].", lower_bound=1, module_name=METHOD)
+flags.DEFINE_float("repr_prune", D["repr_prune"], "--method=repr: share of all conv filters "
+                   "dropped in a sparse phase.", module_name=METHOD)
+flags.DEFINE_float("bans_temperature", D["bans_temperature"], "--method=bans: distillation "
+                   "temperature.", module_name=METHOD)
+flags.DEFINE_float("bans_lambda", D["bans_lambda"], "--method=bans: weight of KL(teacher || "
+                   "student).", module_name=METHOD)
 flags.DEFINE_string("reset_from", D["reset_from"], "--method=llf: name prefix of the first layer reset.",
                     module_name=METHOD)
 

@@ -122,6 +122,10 @@ class KEModel(keras.Model):
             multiplier.assign(m.astype(multiplier.dtype.as_numpy_dtype))
             var.assign(var * multiplier)
 
+    def held(self) -> Dict[str, np.ndarray]:
+        """{variable path: bool array}, False where the variable is held at zero now."""
+        return {var.path: multiplier.numpy() != 0 for var, multiplier in self._multipliers}
+
     def held_values(self, values: Optional[Sequence[np.ndarray]] = None) -> list:
         """The 0/1 multipliers of `hold_at_zero` (to checkpoint them), or set them back."""
         if values is not None:

@@ -6,7 +6,7 @@ import conftest
 from ke_tf import config as C
 from ke_tf import masks, networks, slim
 from ke_tf.generations import GenerationRunner
-from ke_tf.hooks import Hooks
+from ke_tf.hooks import Hook, Hooks
 from ke_tf.methods import dnr, dsd
 from ke_tf.state import RunState
 
@@ -261,3 +261,93 @@ def test_cskd_train_step_matches_the_official_computation(tmp_path):
 def test_cskd_needs_an_even_batch():
     with pytest.raises(C.ConfigError, match="--batch_size"):
         C.RunConfig(data=C.DataConfig(batch_size=25), train=C.TrainConfig(regularizer="cskd")).validate()
+
+
+class EpochWeights(Hook):
+    """The conv kernels and the held-at-zero masks after every epoch, as the hooks see them."""
+
+    def __init__(self):
+        self.kernels, self.held = [], []
+
+    def epoch_end(self, run, state):
+        self.kernels.append({v.path: v.numpy().copy() for v in run.network.weights
+                             if v.path.endswith("kernel") and len(v.shape) == 4})
+        self.held.append(run.model.held())
+
+
+def test_repr_phases_follow_the_paper():
+    from ke_tf.methods.repr import phase_change, phase_lengths
+
+    assert phase_lengths(200, None, None) == (50, 10)  # the KE paper's S1, S2 for 200 epochs
+    assert phase_lengths(8, None, 3) == (2, 3)
+    changes = {e: phase_change(e, 200, 50, 10) for e in range(1, 201)}
+    assert [e for e, c in changes.items() if c == "drop"] == [50, 110, 170]
+    assert [e for e, c in changes.items() if c == "restore"] == [60, 120, 180]
+
+
+def test_repr_drops_the_filters_of_the_global_ranking(tmp_path):
+    from ke_tf import repr_filters
+    from ke_tf.methods.repr import conv_kernels
+
+    cfg = conftest.tiny_config(tmp_path, method="repr", export=False,
+                               train=dict(generations=1, epochs=5, repr_s1=2, repr_s2=1))
+    r = GenerationRunner(cfg, verbose=False)
+    trained = {p: v.numpy() for p, v in conv_kernels(r.network).items()}
+    r.method.after_epoch(r, 2)  # the end of the first dense phase
+    keep = repr_filters.drop_masks(trained, 0.3)
+    for path, var in conv_kernels(r.network).items():
+        w = var.numpy()
+        assert not w[..., ~keep[path]].any(), path  # dropped: zero, and held there
+        np.testing.assert_array_equal(w[..., keep[path]], trained[path][..., keep[path]])
+        np.testing.assert_array_equal(r.model.held()[path], np.broadcast_to(keep[path], w.shape))
+    assert sum((~k).sum() for k in keep.values()) == round(0.3 * sum(k.size for k in keep.values()))
+
+
+def test_repr_holds_the_dropped_filters_then_restores_them_orthogonally(tmp_path):
+    seen = EpochWeights()
+    cfg = conftest.tiny_config(tmp_path, method="repr", export=False,
+                               train=dict(generations=1, epochs=5, repr_s1=2, repr_s2=1))
+    r = GenerationRunner(cfg, verbose=False, hooks=[seen])
+    assert r.method.schedule() == (1, 5)
+    rows = r.run()
+    assert [(row["generation"], row["net"], row["method"]) for row in rows] == [(1, "dense", "repr")]
+    before_drop, dropped, restored = seen.kernels[0:3]  # after epochs 1, 2 (drop), 3 (restore)
+    total = sum(k.shape[-1] for k in dropped.values())
+    zero = {p: ~k.reshape(-1, k.shape[-1]).any(axis=0) for p, k in dropped.items()}
+    assert sum(z.sum() for z in zero.values()) == round(0.3 * total)  # one global ranking
+    for p, z in zero.items():
+        assert (~seen.held[1][p][..., z]).all() and seen.held[1][p][..., ~z].all()
+        assert seen.held[2][p].all()  # restored: nothing held any more
+        if z.any() and (~z).any():
+            new = restored[p].reshape(-1, z.size)[:, z]
+            kept = restored[p].reshape(-1, z.size)[:, ~z]
+            cos = (new / np.linalg.norm(new, axis=0)).T @ (kept / np.linalg.norm(kept, axis=0))
+            assert np.abs(cos).max() < 1e-4, p  # orthogonal to every kept filter of the layer
+    assert all(h.all() for held in seen.held[3:] for h in held.values())  # dense to the end
+
+
+def test_dsd_only_is_dense_sparse_dense_once(tmp_path):
+    seen = EpochWeights()
+    cfg = conftest.tiny_config(tmp_path, method="dsd_only", export=False,
+                               train=dict(generations=2, epochs=4))
+    r = GenerationRunner(cfg, verbose=False, hooks=[seen])
+    assert r.method.schedule() == (1, 8)  # phases of 4, 2 and 2 epochs
+    rows = r.run()
+    assert [(row["generation"], row["net"]) for row in rows] == [(1, "dense")]
+    for e, held in enumerate(seen.held, start=1):
+        for path, h in held.items():
+            if path not in seen.kernels[0]:
+                continue
+            w = seen.kernels[e - 1][path]
+            if e in (4, 5):  # pruned after epoch 4, held at zero through epochs 5 and 6
+                assert (~h).sum() == int(round(0.3 * h.size)) and not w[~h].any(), (e, path)
+            else:
+                assert h.all(), (e, path)
+    pruned = ~seen.held[3]["conv1/kernel"]
+    assert seen.kernels[7]["conv1/kernel"][pruned].any()  # free again, trained from zero
+
+
+def test_dsd_only_needs_three_phases():
+    with pytest.raises(C.ConfigError, match="--epochs"):
+        C.RunConfig(method="dsd_only", train=C.TrainConfig(generations=1, epochs=3,
+                                                           warmup_epochs=0)).validate()

@@ -15,6 +15,9 @@ DSD's pruning, DNR's re-scoring, ...) and which flag combinations it accepts (`v
 | llf | `llf.py` | later-layer forgetting (Zhou et al., ICLR 2022) |
 | dsd | `dsd.py` | KE+DSD (appendix C.1) |
 | dnr | `dnr.py` | dynamic neural regeneration (Ramkumar et al., NeurIPS 2024) |
+| repr | `repr.py` | RePr (Prakash et al., CVPR 2019): redundant filters dropped, re-initialized orthogonally |
+| bans | `bans.py` | Born-Again Networks (Furlanello et al., ICML 2018): each generation distilled from the last |
+| dsd_only | `dsd_only.py` | Dense-Sparse-Dense (Han et al., ICLR 2017), once: the paper's DSD baseline row |
 
 Adding a method: one file here with a `Method` subclass, one line in `REGISTRY`, its tests.
 The modules are imported when a method is first asked for, so that the command line parses its
@@ -32,6 +35,9 @@ REGISTRY = {
     "llf": "llf:LaterLayerForgetting",
     "dsd": "dsd:DenseSparseDense",
     "dnr": "dnr:DynamicNeuralRegeneration",
+    "repr": "repr:RePr",
+    "bans": "bans:BornAgainNetworks",
+    "dsd_only": "dsd_only:DSDOnly",
 }
 NAMES = tuple(REGISTRY)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import keras
+import numpy as np
 
 from ke_tf import masks as masks_lib, reinit, slim
 from ke_tf.config import ConfigError, RunConfig
@@ -64,6 +65,20 @@ class Method:
         one, and return the masks it uses. `run` is the GenerationRunner (read `run.network`,
         `run.masks`, `run.model`, `run.data`); a new masks object is saved as masks.npz."""
         return run.masks
+
+    def after_epoch(self, run, epoch: int) -> masks_lib.Masks:
+        """After epoch `epoch` (1-based, within the generation) was trained and before it is
+        checkpointed: a method that changes the weights during a generation (RePr, DSD's
+        phases) does it here. Returns the masks in use, like `between_generations`."""
+        return run.masks
+
+    def arrays(self, run) -> Dict[str, np.ndarray]:
+        """The method's own arrays that `checkpoints/last` keeps (e.g. a teacher's weights):
+        {} for most methods. `restore` puts them back when a run is resumed."""
+        return {}
+
+    def restore(self, run, arrays: Dict[str, np.ndarray]) -> None:
+        pass
 
     def split_columns(self) -> Dict[str, object]:
         """The `split_mode` and `split_rate` cells of this method's results.csv rows."""
