@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 from ke_tf import cli  # first: quiets TensorFlow's C++ logging before it is imported
 
@@ -144,9 +145,10 @@ flags.DEFINE_boolean("quiet", False, "No progress bars or tables on the console.
                      module_name=RUN)
 FLAGS = flags.FLAGS
 
-def config_from_flags(values: dict) -> C.RunConfig:
-    """Turns {flag: value} (None = unset) into a validated RunConfig. Pure: tests call it."""
-    return presets.config({k: v for k, v in values.items() if k != "quiet"})
+def config_from_flags(values: dict, notes: Optional[list] = None) -> C.RunConfig:
+    """Turns {flag: value} (None = unset) into a validated RunConfig. Pure: tests call it.
+    `notes` receives the defaults that a method or regularizer chose (`presets.complete`)."""
+    return presets.config({k: v for k, v in values.items() if k != "quiet"}, notes)
 
 
 def check_run_dir(path: str) -> None:
@@ -167,9 +169,12 @@ def flag_values(defaults: bool = False) -> dict:
 
 
 def main(argv) -> None:
-    values = flag_values()
-    cfg = config_from_flags(values)
+    notes: list = []
+    cfg = config_from_flags(flag_values(), notes)
     check_run_dir(cfg.run_dir)
+    if not FLAGS.quiet:
+        for note in notes:  # the defaults a method or regularizer chose
+            print(f"default {note}")
     from ke_tf.generations import GenerationRunner  # heavy imports after the usage checks
 
     GenerationRunner(cfg, verbose=not FLAGS.quiet).run()

@@ -7,7 +7,10 @@
   images are 4 full batches), lr 0.05, weight decay 5e-4, label smoothing. The command line's
   default (`python -m ke_tf.main` with no flags).
 - `complete(flags)`: the command line's rule: flags left unset (None) take the dataset's
-  preset, then the derived defaults (warm-up min(5, epochs - 1), the run directory's name).
+  preset, then the derived defaults (warm-up min(5, epochs - 1), the run directory's name);
+  a preset value that a method or regularizer cannot use is replaced by one it can, and said
+  (`notes`): --regularizer=cskd pairs anchors with partners, so an odd preset batch (digits'
+  25) becomes DIGITS_EVEN_BATCH (20: the 100 training images in 5 full batches).
 
 Each takes flat flags ({flag name: value}, as config.json holds them) and returns them, or a
 validated `RunConfig`; an explicit flag always wins.
@@ -15,7 +18,7 @@ validated `RunConfig`; an explicit flag always wins.
 from __future__ import annotations
 
 import os
-from typing import Dict
+from typing import Dict, List, Optional
 
 from ke_tf.config import RunConfig
 
@@ -25,6 +28,7 @@ PAPER: Dict[str, object] = RunConfig().to_flags()  # every default, flat
 DIGITS = dict(dataset="digits", image_size=32, width_multiplier=0.25, generations=5, epochs=40,
               lr=0.05, weight_decay=5e-4, regularizer="smooth", batch_size=25)
 DIGITS_P_CLASSES = 5  # --task=metric on digits: 5 training classes (0-4) per batch
+DIGITS_EVEN_BATCH = 20  # digits batches that must be even (CS-KD): 5 full batches of 100 images
 METRIC_LR_DIVISOR = 10  # sec. 4.2: "a small learning rate lr = 0.0256"
 
 # Flags whose default depends on the dataset or on other flags: the command line leaves them
@@ -32,8 +36,9 @@ METRIC_LR_DIVISOR = 10  # sec. 4.2: "a small learning rate lr = 0.0256"
 DERIVED = tuple(DIGITS) + ("p_classes", "warmup_epochs", "run_dir")
 
 
-def complete(flags: Dict[str, object]) -> Dict[str, object]:
-    """Every flag set: unset (None or missing) ones from the dataset's preset, then derived."""
+def complete(flags: Dict[str, object], notes: Optional[List[str]] = None) -> Dict[str, object]:
+    """Every flag set: unset (None or missing) ones from the dataset's preset, then derived.
+    `notes` (a list) receives a line for every preset value a method or regularizer changed."""
     v = {k: val for k, val in flags.items() if val is not None}
     dataset = v.setdefault("dataset", "digits")
     preset = dict(PAPER, **(DIGITS if dataset == "digits" else {}))
@@ -42,6 +47,12 @@ def complete(flags: Dict[str, object]) -> Dict[str, object]:
         k = v.get("k_images") or PAPER["k_images"]
         preset.update(lr=preset["lr"] / METRIC_LR_DIVISOR, p_classes=p, batch_size=p * k)
     v["head"] = "embedding" if v.get("task") == "metric" else "logits"
+    regularizer = v.get("regularizer", preset["regularizer"])
+    if regularizer == "cskd" and "batch_size" not in v and preset["batch_size"] % 2:
+        preset["batch_size"] = DIGITS_EVEN_BATCH
+        if notes is not None:
+            notes.append(f"--batch_size={DIGITS_EVEN_BATCH}: --regularizer=cskd needs an even "
+                         "batch (anchors and their partners)")
     for name, default in preset.items():
         if name not in v and name != "run_dir":
             v[name] = default
@@ -55,9 +66,9 @@ def complete(flags: Dict[str, object]) -> Dict[str, object]:
     return v
 
 
-def config(flags: Dict[str, object]) -> RunConfig:
+def config(flags: Dict[str, object], notes: Optional[List[str]] = None) -> RunConfig:
     """The validated RunConfig of flat `flags` completed by `complete`."""
-    return RunConfig.from_flags(complete(flags)).validate()
+    return RunConfig.from_flags(complete(flags, notes)).validate()
 
 
 def paper(**flags) -> RunConfig:

@@ -61,6 +61,21 @@ def tiny_config(run_dir, *, data=None, model=None, split=None, train=None, **run
         run_dir=str(run_dir), **run)
 
 
+def image_folder(root, classes=("cat", "dog", "owl"), sizes=(("train", 6), ("test", 3))):
+    """A `folder:` dataset of random 20x24 PNGs, root/<split>/<class>/<i>.png; returns root."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    for split, n in sizes:
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
+                (d / f"{i}.png").write_bytes(tf.io.encode_png(img).numpy())
+    return root
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

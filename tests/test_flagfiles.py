@@ -8,6 +8,9 @@ import pytest
 from ke_tf import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Table 2's peers: (method, loss, generations, epochs) of their preset (sec. 4.1, "Baselines").
+PEERS = {"adacos": ("ke", "adacos", 1, 200), "repr": ("repr", "ce", 1, 200),
+         "dsd": ("dsd_only", "ce", 1, 400), "bans": ("bans", "ce", 10, 200)}
 FLAGFILES = sorted(glob.glob(os.path.join(ROOT, "flags", "*.flags")))
 
 
@@ -23,12 +26,14 @@ def parse(path):
 
 def test_there_is_a_preset_per_experiment():
     names = {os.path.basename(p) for p in FLAGFILES}
-    assert len([n for n in names if n.startswith("table2_")]) == 15  # 5 datasets x CE/Smth/CS-KD
+    # 5 datasets x (CE/Smth/CS-KD + KE and the peers AdaCos, RePr, DSD, BANs)
+    assert len([n for n in names if n.startswith("table2_")]) == 5 * (3 + 4)
+    assert len([n for n in names if n.startswith("table3_")]) == 5 * 3  # DenseNet169, WELS
     assert len([n for n in names if n.startswith("table4_")]) == 4
     assert len([n for n in names if n.startswith("table5_")]) == 5
     methods = {n[len("compare_digits_"):-len(".flags")] for n in names if n.startswith("compare_")}
     assert methods >= {"ke", "long", "slim_scratch", "llf", "dsd", "dnr", "cskd", "wels_rand",
-                       "evolve_zero", "fix_reset_seed"}
+                       "evolve_zero", "fix_reset_seed", "repr", "dsd_only", "bans", "adacos"}
     assert "digits_default.flags" in names
 
 
@@ -44,8 +49,20 @@ def test_preset_validates_and_documents_itself(path):
     if name.startswith("table4_"):
         assert cfg.data.task == "metric" and cfg.model.head == "embedding"
         assert (cfg.data.batch_size, cfg.train.lr, cfg.split.split_rate) == (125, 0.0256, 0.8)
+    elif name.startswith("table2_") and name.endswith(tuple(f"_{p}.flags" for p in PEERS)):
+        peer = name[:-len(".flags")].rsplit("_", 1)[1]
+        method, loss, generations, epochs = PEERS[peer]
+        assert (cfg.method, cfg.train.loss, cfg.train.regularizer) == (method, loss, "none")
+        assert (cfg.train.generations, cfg.train.epochs, cfg.model.arch) == (generations, epochs,
+                                                                             "resnet18")
     elif name.startswith("table2_"):
         assert (cfg.model.arch, cfg.split.split_rate, cfg.train.generations) == ("resnet18", 0.8, 10)
+        assert cfg.train.regularizer == ("smooth" if "smth" in name else
+                                         "cskd" if "cskd" in name else "none")
+    elif name.startswith("table3_"):  # sec. 4.1: "For DenseNet169, we use s_r = 0.7 and WELS"
+        assert (cfg.model.arch, cfg.split.split_mode, cfg.split.split_rate) == (
+            "densenet169", "wels", 0.7)
+        assert (cfg.train.generations, cfg.train.epochs, cfg.method) == (10, 200, "ke")
         assert cfg.train.regularizer == ("smooth" if "smth" in name else
                                          "cskd" if "cskd" in name else "none")
     elif name.startswith("compare_digits_"):  # equal total epochs for every method

@@ -1,4 +1,5 @@
 """The command line: flags -> RunConfig, exit statuses, nothing written on bad usage."""
+import json
 import os
 import subprocess
 import sys
@@ -152,3 +153,31 @@ def test_helpfull_groups_the_flags_by_topic_with_short_help():
             assert len(text) <= 110, (flag.name, text)  # one line of help each
     assert set(main.flag_values()) == {f.name for t in main.TOPICS
                                        for f in main.FLAGS.get_flags_for_module(f"ke_tf {t}")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", [f"--method={m}" for m in C.METHODS] + [
+    f"--regularizer={r}" for r in C.REGULARIZERS] + [f"--loss={l}" for l in C.LOSSES])
+def test_every_method_and_regularizer_composes_with_the_default_command(tmp_path, flag):
+    """Each method/regularizer/loss flag alone added to the default command (tiny epochs): the
+    defaults it cannot use are replaced, and said; the run ends with status 0."""
+    proc = run_cli([flag, "--generations=2", "--epochs=2", "--warmup_epochs=1", "--noexport",
+                    f"--run_dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "results.csv").is_file()
+    if flag == "--regularizer=cskd":  # digits' batch 25 is odd: CS-KD pairs need an even one
+        assert "default --batch_size=20: --regularizer=cskd needs an even batch" in proc.stdout
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["batch_size"] == 20
+
+
+def test_an_explicit_invalid_batch_still_names_the_flag():
+    from ke_tf import main
+
+    base = main.flag_values(defaults=True)
+    with pytest.raises(C.ConfigError, match="--batch_size must be even"):
+        main.config_from_flags(dict(base, regularizer="cskd", batch_size=25))
+    notes = []
+    cfg = main.config_from_flags(dict(base, regularizer="cskd"), notes)
+    assert cfg.data.batch_size == 20 and notes
+    assert main.config_from_flags(dict(base, dataset="stanford_dogs", regularizer="cskd")
+                                  ).data.batch_size == 32  # already even: left as it is

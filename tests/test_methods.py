@@ -107,7 +107,7 @@ def test_method_flags_validate():
     with pytest.raises(C.ConfigError, match="--wels_rand"):
         C.RunConfig(method="llf", split=C.SplitConfig(split_mode="wels", wels_rand=True)).validate()
     with pytest.raises(C.ConfigError, match="--method"):
-        C.RunConfig(method="bans").validate()
+        C.RunConfig(method="bogus").validate()
     with pytest.raises(C.ConfigError, match="--split_mode"):
         C.RunConfig(method="slim_scratch", split=C.SplitConfig(split_mode="wels")).validate()
     with pytest.raises(C.ConfigError, match="--evolve_mode"):
@@ -351,3 +351,14 @@ def test_dsd_only_needs_three_phases():
     with pytest.raises(C.ConfigError, match="--epochs"):
         C.RunConfig(method="dsd_only", train=C.TrainConfig(generations=1, epochs=3,
                                                            warmup_epochs=0)).validate()
+
+
+@pytest.mark.parametrize("method", ["repr", "dsd_only"])
+def test_peer_methods_on_a_folder_dataset(tmp_path, method):
+    root = conftest.image_folder(tmp_path / "imgs")
+    cfg = conftest.tiny_config(tmp_path / "run", method=method, export=False,
+                               data=dict(dataset=f"folder:{root}", batch_size=6, recal_images=12),
+                               train=dict(generations=1, epochs=6, repr_s1=2, repr_s2=1))
+    rows = GenerationRunner(cfg, verbose=False).run()
+    assert [(r["generation"], r["net"], r["method"]) for r in rows] == [(1, "dense", method)]
+    assert 0 <= rows[0]["test_top1"] <= 100 and np.isfinite(rows[0]["train_loss"])

@@ -21,6 +21,11 @@ TINY = ["--image_size=16", "--width_multiplier=0.0625", "--generations=2", "--ep
         "--batch_size=20", "--digits_per_class=4", "--deterministic", "--quiet"]
 KELS = TINY + ["--split_mode=kels", "--split_rate=0.5"]
 WELS_RAND = TINY + ["--split_mode=wels", "--split_rate=0.5", "--wels_rand", "--noexport"]
+# The runs of the matrix: {name: (flags, generations of the run)}. RePr and DSD-on-its-own train
+# one generation of 2 x 3 = 6 epochs and change weights inside it (after epochs 2/3 and 3/4).
+RUNS = {"kels": (KELS, 2), "wels_rand": (WELS_RAND, 2),
+        "repr": (TINY + ["--method=repr", "--repr_s1=2", "--repr_s2=1", "--noexport"], 1),
+        "dsd_only": (TINY + ["--method=dsd_only", "--noexport"], 1)}
 
 
 def ke_main(run_dir, flags, fault=None, timeout=300):
@@ -52,7 +57,7 @@ def leftovers(run_dir):
 def reference(tmp_path_factory):
     """Uninterrupted runs: {name: run_dir}."""
     out = {}
-    for name, flags in (("kels", KELS), ("wels_rand", WELS_RAND)):
+    for name, (flags, _) in RUNS.items():
         run_dir = str(tmp_path_factory.mktemp(f"reference_{name}"))
         proc = ke_main(run_dir, flags)
         assert proc.returncode == 0, proc.stderr
@@ -68,6 +73,9 @@ KILLS = {
     "during_export": ("kels", "kill:export:1"),  # dense exported, slim not yet
     "inside_checkpoint_write": ("kels", "kill:checkpoint:4"),  # writing generation_001
     "wels_rand_second_generation": ("wels_rand", "kill:epoch:4"),  # masks re-drawn, restored
+    "repr_sparse_phase": ("repr", "kill:batch:5"),  # filters dropped after epoch 2, held
+    "repr_after_restore": ("repr", "kill:epoch:4"),  # re-initialized orthogonally after 3
+    "dsd_only_sparse_phase": ("dsd_only", "kill:batch:7"),  # pruned after epoch 3, held
 }
 
 
@@ -75,7 +83,7 @@ KILLS = {
 @pytest.mark.parametrize("instant", sorted(KILLS))
 def test_killed_run_resumes_to_the_uninterrupted_result(instant, reference, tmp_path):
     name, fault = KILLS[instant]
-    flags = KELS if name == "kels" else WELS_RAND
+    flags, generations = RUNS[name]
     run_dir = str(tmp_path / "run")
     killed = ke_main(run_dir, flags, fault)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -88,9 +96,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(instant, reference, tmp_
     assert rows == results(ref)  # --deterministic: the same accuracies, to the last digit
     nets = ("dense", "slim", "slim_recal") if name == "kels" else ("dense",)
     assert [(r["generation"], r["net"]) for r in rows] == [
-        (str(g), n) for g in (1, 2) for n in nets]  # one row per generation and network
+        (str(g), n) for g in range(1, generations + 1) for n in nets]  # one row each
     assert digest(os.path.join(run_dir, "masks.npz")) == digest(os.path.join(ref, "masks.npz"))
-    assert checkpoint.kept_generations(run_dir) == [1, 2]
+    assert checkpoint.kept_generations(run_dir) == list(range(1, generations + 1))
     if name == "kels":  # the shipped networks are the uninterrupted run's, weight for weight
         import tensorflow as tf
 
