@@ -176,7 +176,8 @@ def load_networks(run_dir: str, generation: Optional[int] = None) -> Loaded:
     state, arrays = load(generation_dir(run_dir, generation))
     m, size = config.model, config.data.image_size
     dense = networks.build(m.arch, state["num_classes"], size, stem=m.stem, head=m.head,
-                           embedding_dim=m.embedding_dim, width_multiplier=m.width_multiplier)
+                           embedding_dim=m.embedding_dim, width_multiplier=m.width_multiplier,
+                           classifier=networks.classifier_for(config.train.loss))
     nets = {}
     if "dense" in arrays:
         assign(dense.variables, arrays["dense"], "dense network")

@@ -132,7 +132,8 @@ class GenerationRunner:
         config, m, size = self.config, self.config.model, self.config.data.image_size
         keras.utils.set_random_seed(config.seed)  # the initial weights of N_1
         dense = networks.build(m.arch, info.num_classes, size, stem=m.stem, head=m.head,
-                               embedding_dim=m.embedding_dim, width_multiplier=m.width_multiplier)
+                               embedding_dim=m.embedding_dim, width_multiplier=m.width_multiplier,
+                               classifier=networks.classifier_for(config.train.loss))
         if config.strategy == "mirrored":  # BatchNorm statistics over the global batch, so
             for layer in dense.layers:  # that N devices compute what one device would
                 if isinstance(layer, keras.layers.BatchNormalization):
@@ -147,10 +148,12 @@ class GenerationRunner:
         cskd = (t.cskd_temperature, t.cskd_lambda) if t.regularizer == "cskd" else None
         self.model = model_lib.KEModel(self.network, weight_decay=t.weight_decay, cskd=cskd,
                                        held_at_zero=self.method.held_at_zero(self.network))
+        # AdaCos's loss has a state (its scale): restarted with the optimizer, checkpointed.
+        self.loss = self.task.make_loss(config, info.num_classes)
         self.model.compile(
             # a fixed name: the checkpoint keys its variables by path ("sgd/...")
             optimizer=keras.optimizers.SGD(learning_rate=t.lr, momentum=t.momentum, name="sgd"),
-            loss=self.task.make_loss(config), metrics=self.task.make_metrics(info.num_classes),
+            loss=self.loss, metrics=self.task.make_metrics(info.num_classes),
             jit_compile=config.jit_compile)
 
     def _refuse_other_run(self) -> None:
@@ -219,10 +222,13 @@ class GenerationRunner:
         """Train generation `state.generation` for its e epochs, from `state.epoch` (0: the
         optimizer state zeroed and the schedule restarted, sec. 3.1; more: a resumed
         generation goes on); returns the last epoch's training metrics as results.csv has
-        them (`train_loss`, `train_top1` in percent, ...)."""
+        them (`train_loss`, `train_top1` in percent, ...). A loss with a state restarts with
+        the optimizer (AdaCos's scale: sqrt(2) ln(C - 1) again)."""
         t = self.config.train
         if state.epoch == 0:
             model_lib.restart_optimizer(self.model.optimizer)
+            if hasattr(self.loss, "restart"):  # AdaCos: its scale starts afresh too
+                self.loss.restart()
         hooks.generation_start(self, state)
         callbacks = [model_lib.LearningRateSchedule(t.lr, self.epochs, t.warmup_epochs),
                      _EpochEnd(self, state, hooks)]
@@ -298,12 +304,15 @@ class GenerationRunner:
 
     def arrays(self) -> Dict[str, Dict[str, np.ndarray]]:
         """What `checkpoints/last` holds besides the state: network and optimizer variables by
-        path, the masks in use, the 0/1 multipliers of weights held at zero (DSD, RePr) and
-        the method's own arrays, if any."""
+        path, the masks in use, the 0/1 multipliers of weights held at zero (DSD, RePr), the
+        loss's state (AdaCos's scale) and the method's own arrays, if any."""
         groups = {"network": checkpoint.variables_of(self.network.variables),
                   "optimizer": checkpoint.variables_of(self.model.optimizer.variables),
                   "masks": self.masks,
                   "held": {str(i): v for i, v in enumerate(self.model.held_values())}}
+        loss_state = getattr(self.loss, "variables", [])  # AdaCos's scale; other losses: none
+        if loss_state:
+            groups["loss"] = checkpoint.variables_of(loss_state)
         extra = self.method.arrays(self)
         if extra:
             groups["method"] = extra
@@ -340,6 +349,8 @@ class GenerationRunner:
                 optimizer.build(self.model.trainable_variables)
         checkpoint.assign(optimizer.variables, arrays["optimizer"], "optimizer state")
         self.masks = {k: v.astype(bool) for k, v in arrays.get("masks", {}).items()}
+        if getattr(self.loss, "variables", []):
+            checkpoint.assign(self.loss.variables, arrays.get("loss", {}), "loss state")
         held = arrays.get("held", {})
         self.model.held_values([held[str(i)] for i in range(len(held))])
         self.method.restore(self, arrays.get("method", {}))

@@ -8,6 +8,10 @@ Metric learning uses the triplet loss with semi-hard negative mining (Eq. 3-4), 
 from the algorithm of FaceNet (Schroff, Kalenichenko & Philbin, CVPR 2015) as it was
 implemented by tensorflow-addons 0.23 (`tfa.losses.triplet_semihard_loss`), whose outputs it
 reproduces; tensorflow-addons itself is archived and does not work with Keras 3.
+
+`--loss=adacos` replaces the classification logits by AdaCos's (Zhang et al., CVPR 2019): the
+network's classifier outputs cosines and `AdaCosLoss` scales them by its adaptive scale
+(`adacos_scale`, `adacos_logits`) before the cross entropy.
 """
 from __future__ import annotations
 
@@ -227,6 +231,38 @@ def adacos_initial_scale(num_classes: int) -> float:
     return math.sqrt(2.0) * math.log(num_classes - 1)
 
 
+def adacos_scale(cosines, labels, scale) -> tf.Tensor:
+    """AdaCos's dynamic scale of a batch (Zhang et al., CVPR 2019, sec. 4.2), computed
+    from the OLD `scale` and the batch's cosines, without gradient:
+
+    theta = arccos(clip(cos, -1 + 1e-7, 1 - 1e-7));
+    B_avg = (1/N) sum_i sum_{j != y_i} exp(scale * cos_ij);
+    theta_med = the median of the target angles theta_{i, y_i} (for an even N the lower of the
+    two middle values, as torch.median returns);
+    new_scale = ln(B_avg) / cos(min(pi/4, theta_med)).
+
+    Args:
+      cosines: [N, C] cosines between the normalised features and class weights (any float
+        dtype, computed in float32).
+      labels: [N] (or [N, 1]) integer target classes.
+      scale: the scalar scale of the previous batch (`adacos_initial_scale(C)` at first).
+
+    Returns:
+      new_scale [], float32, a constant (tf.stop_gradient).
+    """
+    cos = tf.stop_gradient(tf.cast(tf.convert_to_tensor(cosines), tf.float32))
+    labels = tf.reshape(tf.cast(tf.convert_to_tensor(labels), tf.int32), [-1])
+    scale = tf.cast(tf.convert_to_tensor(scale), tf.float32)
+    theta = tf.acos(tf.clip_by_value(cos, -1.0 + 1e-7, 1.0 - 1e-7))
+    target = tf.one_hot(labels, tf.shape(cos)[1], dtype=tf.float32)
+    n = tf.shape(cos)[0]
+    b_avg = tf.reduce_sum(tf.exp(scale * cos) * (1.0 - target)) / tf.cast(n, tf.float32)
+    target_theta = tf.sort(tf.gather(theta, labels[:, tf.newaxis], batch_dims=1)[:, 0])
+    theta_med = target_theta[(n - 1) // 2]  # the lower middle value, as torch.median
+    return tf.stop_gradient(
+        tf.math.log(b_avg) / tf.cos(tf.minimum(tf.constant(math.pi / 4, tf.float32), theta_med)))
+
+
 def adacos_logits(features, class_weights, labels, scale):
     """Training logits of AdaCos (Zhang, Zhao, Liu, Fu & Zhu, "AdaCos: Adaptively Scaling
     Cosine Logits for Effectively Learning Deep Face Representations", CVPR 2019, sec. 4.2).
@@ -235,12 +271,10 @@ def adacos_logits(features, class_weights, labels, scale):
 
     1. L2-normalise every feature row ([N, D]) and every class-weight column ([D, C]);
        cos = normalised features @ normalised weights ([N, C]).
-    2. theta = arccos(clip(cos, -1 + 1e-7, 1 - 1e-7)).
-    3. Without gradient (tf.stop_gradient), the dynamic scale of the batch from the OLD one:
-       B_avg = (1/N) sum_i sum_{j != y_i} exp(scale * cos_ij), theta_med = the median of the
-       target angles theta_{i, y_i} (for an even N the lower of the two middle values, as
-       torch.median returns), new_scale = ln(B_avg) / cos(min(pi/4, theta_med)).
-    4. logits = new_scale * cos: the NEW scale, just computed from the old one, scales this
+    2. Without gradient, the dynamic scale of the batch from the OLD one (`adacos_scale`):
+       B_avg over the non-target cosines, theta_med the median target angle,
+       new_scale = ln(B_avg) / cos(min(pi/4, theta_med)).
+    3. logits = new_scale * cos: the NEW scale, just computed from the old one, scales this
        batch's logits (as 4uiiurz1/pytorch-adacos does); the caller keeps new_scale as the
        `scale` of the next batch.
 
@@ -251,7 +285,8 @@ def adacos_logits(features, class_weights, labels, scale):
     The gradient flows to `features` and `class_weights` through cos only; new_scale is a
     constant of the batch. At evaluation there are no labels and no scale update: the logits
     are the cosines themselves (their arg max, or the normalised features for retrieval);
-    this function is for training only.
+    this function is for training only. `AdaCosLoss` is the same rule as a Keras loss on the
+    cosines of a `ke_tf.networks.layers.CosineDense` classifier.
 
     Args:
       features: [N, D] embeddings, any float dtype (computed in float32).
@@ -264,18 +299,51 @@ def adacos_logits(features, class_weights, labels, scale):
     """
     x = tf.math.l2_normalize(tf.cast(tf.convert_to_tensor(features), tf.float32), axis=1)
     w = tf.math.l2_normalize(tf.cast(tf.convert_to_tensor(class_weights), tf.float32), axis=0)
-    labels = tf.reshape(tf.cast(tf.convert_to_tensor(labels), tf.int32), [-1])
-    scale = tf.cast(tf.convert_to_tensor(scale), tf.float32)
     cos = tf.matmul(x, w)
-    theta = tf.acos(tf.clip_by_value(cos, -1.0 + 1e-7, 1.0 - 1e-7))
-
-    const_cos = tf.stop_gradient(cos)
-    const_theta = tf.stop_gradient(theta)
-    target = tf.one_hot(labels, tf.shape(cos)[1], dtype=tf.float32)
-    n = tf.shape(cos)[0]
-    b_avg = tf.reduce_sum(tf.exp(scale * const_cos) * (1.0 - target)) / tf.cast(n, tf.float32)
-    target_theta = tf.sort(tf.gather(const_theta, labels[:, tf.newaxis], batch_dims=1)[:, 0])
-    theta_med = target_theta[(n - 1) // 2]  # the lower middle value, as torch.median
-    new_scale = tf.stop_gradient(
-        tf.math.log(b_avg) / tf.cos(tf.minimum(tf.constant(math.pi / 4, tf.float32), theta_med)))
+    new_scale = adacos_scale(cos, labels, scale)
     return new_scale * cos, new_scale
+
+
+@keras.saving.register_keras_serializable(package="ke_tf")
+class AdaCosLoss(keras.losses.Loss):
+    """AdaCos (Zhang et al., CVPR 2019) as a Keras loss on cosines ([N, C], the outputs of a
+    `ke_tf.networks.layers.CosineDense` classifier): cross entropy (KE's Eq. 2, with label
+    smoothing if given) of s * cos, where s is the adaptive scale.
+
+    `scale` is a non-trainable float32 variable, sqrt(2) ln(C - 1) at first (and after
+    `restart()`, which the GenerationRunner calls when a generation starts afresh). Every call
+    (every training batch) replaces it by `adacos_scale` of the old value and the batch's
+    cosines, then scales this batch's cosines by the new value, exactly as `adacos_logits`.
+    Under a tf.distribute strategy each replica computes the scale of its own shard and the
+    variable takes their mean. The loss is for training: evaluation ranks the cosines.
+    """
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0, name: str = "adacos",
+                 reduction="sum_over_batch_size"):
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1). Received: "
+                             f"label_smoothing={label_smoothing!r}")
+        super().__init__(name=name, reduction=reduction, dtype="float32")
+        self.num_classes, self.label_smoothing = num_classes, label_smoothing
+        self.initial_scale = adacos_initial_scale(num_classes)
+        self.scale = keras.Variable(self.initial_scale, dtype="float32", trainable=False,
+                                    autocast=False, aggregation="mean", name="adacos_scale")
+
+    @property
+    def variables(self) -> list:
+        """The loss's state (for checkpoints): [scale]."""
+        return [self.scale]
+
+    def restart(self) -> None:
+        """The scale back to sqrt(2) ln(C - 1)."""
+        self.scale.assign(self.initial_scale)
+
+    def call(self, y_true, y_pred):
+        new_scale = adacos_scale(y_pred, y_true, self.scale)
+        self.scale.assign(new_scale)
+        return sparse_cross_entropy(y_true, new_scale * tf.cast(y_pred, tf.float32),
+                                    self.label_smoothing)
+
+    def get_config(self):
+        return {"name": self.name, "num_classes": self.num_classes,
+                "label_smoothing": self.label_smoothing}

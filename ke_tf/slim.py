@@ -9,7 +9,9 @@ with approximately (1 - s^2) sparsity" that runs on general-purpose hardware.
 fit weights and the matching BatchNorm slices into it. Channel sets are read back from the masks
 and followed through the graph by `ke_tf.graph`, so any supported graph works, keras.applications
 models included. Invariant (tested): in inference mode `extract(model, masks)(x)` equals the
-dense model with its reset hypothesis zeroed.
+dense model with its reset hypothesis zeroed. (AdaCos's cosine classifier, `--loss=adacos`,
+normalises its input over all features, reset ones included: there the two agree up to a
+positive factor per image, the same ranking, and exactly where the reset features are 0.)
 """
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 - classification: cross entropy (Eq. 2, optionally label smoothing) on logits; top-1 / top-5
   accuracy on the test split and, where the dataset has one, the validation split (Table 2).
+  With `--loss=adacos` the logits are AdaCos's (Zhang et al., CVPR 2019): the network outputs
+  cosines, which `losses.AdaCosLoss` scales adaptively for training and evaluation ranks.
 - metric: semi-hard triplet loss (Eq. 3-4) on L2-normalized embeddings; Recall@1, 2, 4, 8 and
   NMI on the class-disjoint test classes (sec. 4.2, Table 4, appendix C.2).
 
@@ -17,7 +19,7 @@ import keras
 import numpy as np
 
 from ke_tf import losses, metrics
-from ke_tf.config import RunConfig
+from ke_tf.config import ConfigError, RunConfig
 
 RECALL_KS = (1, 2, 4, 8)
 
@@ -27,16 +29,23 @@ class Task:
     name: str
     output_name: str  # the SavedModel signature's output
     columns: Tuple[str, ...]  # results.csv evaluation columns, percent
-    make_loss: Callable[[RunConfig], keras.losses.Loss]
+    make_loss: Callable[[RunConfig, int], keras.losses.Loss]  # (config, num_classes)
     make_metrics: Callable[[int], List[keras.metrics.Metric]]
     evaluate: Callable[[np.ndarray, np.ndarray, str, int], Dict[str, float]]
     splits: Tuple[str, ...]  # splits evaluated, when the dataset has them
     train_columns: Tuple[str, ...]  # results.csv columns of the last training epoch
 
 
-def _classification_loss(cfg: RunConfig) -> keras.losses.Loss:
+def _classification_loss(cfg: RunConfig, num_classes: int) -> keras.losses.Loss:
     t = cfg.train
-    return losses.SparseCrossEntropy(t.label_smoothing if t.regularizer == "smooth" else 0.0)
+    smoothing = t.label_smoothing if t.regularizer == "smooth" else 0.0
+    if t.loss == "adacos":
+        if num_classes < 3:  # sqrt(2) ln(C - 1) = 0, and the update keeps it there
+            raise ConfigError(f"--loss=adacos needs at least 3 classes: with {num_classes} "
+                              "AdaCos's scale sqrt(2) ln(C - 1) is 0 and stays 0 (nothing "
+                              f"would be learned). Received: num_classes={num_classes}")
+        return losses.AdaCosLoss(num_classes, smoothing)
+    return losses.SparseCrossEntropy(smoothing)
 
 
 def _classification_metrics(num_classes: int):
@@ -50,7 +59,7 @@ def _classification_eval(logits, labels, split: str, seed: int) -> Dict[str, flo
             f"{split}_top5": metrics.topk_accuracy(logits, labels, top5)}
 
 
-def _metric_loss(cfg: RunConfig) -> keras.losses.Loss:
+def _metric_loss(cfg: RunConfig, num_classes: int) -> keras.losses.Loss:
     return losses.TripletSemiHardLoss(margin=cfg.train.triplet_margin)
 
 

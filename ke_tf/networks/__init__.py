@@ -11,7 +11,7 @@ import keras
 
 from ke_tf.config import ARCHS, HEADS, STEMS  # the names, defined once (no TensorFlow there)
 from ke_tf.networks import densenet, googlenet, resnet, vgg
-from ke_tf.networks.layers import dense
+from ke_tf.networks.layers import CLASSIFIERS, dense
 
 _MODULES = {
     "resnet18": resnet,
@@ -22,6 +22,12 @@ _MODULES = {
     "densenet169": densenet,
     "googlenet": googlenet,
 }
+
+
+def classifier_for(loss):
+    """The classifier `build` gives the "logits" head for a run's `--loss`: "cosine" for
+    AdaCos (its logits are scaled cosines), else "linear"."""
+    return "cosine" if loss == "adacos" else "linear"
 
 
 def default_stem(image_size):
@@ -35,7 +41,7 @@ def min_image_size(arch, stem):
 
 
 def build(arch, num_classes, image_size, stem=None, head="logits", embedding_dim=128,
-          width_multiplier=1.0, channels=3):
+          width_multiplier=1.0, channels=3, classifier="linear"):
     """Builds `arch` for `image_size` x `image_size` x `channels` images, randomly initialized.
 
     Args:
@@ -49,6 +55,8 @@ def build(arch, num_classes, image_size, stem=None, head="logits", embedding_dim
         embedding_dim: size of the "embedding" head.
         width_multiplier: scales every internal channel count c to max(1, round(c * multiplier)).
         channels: input image channels.
+        classifier: the "logits" head's "fc": "linear" (Dense with bias) or "cosine" (the
+            cosines of AdaCos, `layers.CosineDense`, for `--loss=adacos`).
 
     Returns:
         A functional `keras.Model` named `arch`.
@@ -68,6 +76,9 @@ def build(arch, num_classes, image_size, stem=None, head="logits", embedding_dim
     if not width_multiplier > 0:  # Also rejects NaN.
         raise ValueError("`width_multiplier` must be > 0. "
                          f"Received: width_multiplier={width_multiplier!r}")
+    if classifier not in CLASSIFIERS or (classifier != "linear" and head != "logits"):
+        raise ValueError(f"`classifier` must be one of {CLASSIFIERS} ('cosine' with "
+                         f"head='logits' only). Received: classifier={classifier!r}")
     if channels < 1:
         raise ValueError(f"`channels` must be >= 1. Received: channels={channels!r}")
     stem = default_stem(image_size) if stem is None else stem
@@ -79,7 +90,7 @@ def build(arch, num_classes, image_size, stem=None, head="logits", embedding_dim
     inputs = keras.Input((image_size, image_size, channels), name="input")
     x = _MODULES[arch].backbone(inputs, arch, stem, width_multiplier)
     if head == "logits":
-        outputs = dense(x, num_classes, "fc")
+        outputs = dense(x, num_classes, "fc", classifier)
     else:
         x = dense(x, embedding_dim, "embedding")
         outputs = keras.layers.UnitNormalization(name="l2_normalize")(x)

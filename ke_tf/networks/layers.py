@@ -11,7 +11,8 @@ convolutions match torchvision.
 Two layers subclass Keras's own for speed only (same variables, names, config and numerics;
 README, Performance): `FusedBatchNormalization` runs BatchNormalization through TensorFlow's
 fused kernel, `Conv2D` computes convolutions with tiny outputs (ResNet's last stage on small
-images) as one matrix multiplication.
+images) as one matrix multiplication. `CosineDense` is AdaCos's cosine classifier
+(`--loss=adacos`).
 """
 import keras
 import tensorflow as tf
@@ -196,5 +197,40 @@ def stem_max_pool(x, name):
     return keras.layers.MaxPooling2D(3, strides=2, name=name)(x)
 
 
-def dense(x, units, name):
-    return keras.layers.Dense(units, kernel_initializer=he_normal(), name=name)(x)
+@keras.saving.register_keras_serializable(package="ke_tf")
+class CosineDense(keras.layers.Dense):
+    """The classifier of AdaCos (Zhang et al., CVPR 2019, sec. 3): outputs the cosines
+    cos_ij = <x_i / |x_i|, w_j / |w_j|> between the L2-normalised input features and the
+    L2-normalised class weights (the kernel's columns), in [-1, 1]; no bias.
+
+    A `keras.layers.Dense` (same `kernel` variable, [D, C], and config), so KE splits it as any
+    Dense classifier: KELS masks its fit input rows, Eq. 1 resets the others, slim extraction
+    keeps the fit rows. Its dtype is float32 whatever the global policy (the cosines feed an
+    exponential with a scale around ln C), inputs cast in. `ke_tf.losses.AdaCosLoss` scales the
+    cosines for training; at evaluation they are the logits (the scale changes no arg max).
+
+    The norm |x_i| runs over all input features, so the dense network with its reset
+    hypothesis zeroed and the slim network agree up to a positive factor per image,
+    |x_fit| / |x| (same top-k), and exactly where the reset features are 0.
+    """
+
+    def __init__(self, units, **kwargs):
+        if kwargs.pop("use_bias", False):
+            raise ValueError("CosineDense has no bias. Received: use_bias=True")
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(units, use_bias=False, **kwargs)
+
+    def call(self, inputs, training=None):
+        x = tf.math.l2_normalize(tf.cast(inputs, "float32"), axis=-1)
+        w = tf.math.l2_normalize(tf.cast(self.kernel, "float32"), axis=0)
+        return tf.matmul(x, w)
+
+
+CLASSIFIERS = ("linear", "cosine")
+
+
+def dense(x, units, name, classifier="linear"):
+    """Dense(units) named `name`, He-normal kernel: "linear" (with bias) or "cosine"
+    (`CosineDense`)."""
+    layer = CosineDense if classifier == "cosine" else keras.layers.Dense
+    return layer(units, kernel_initializer=he_normal(), name=name)(x)
