@@ -147,7 +147,8 @@ class GenerationRunner:
         t = config.train
         cskd = (t.cskd_temperature, t.cskd_lambda) if t.regularizer == "cskd" else None
         self.model = model_lib.KEModel(self.network, weight_decay=t.weight_decay, cskd=cskd,
-                                       held_at_zero=self.method.held_at_zero(self.network))
+                                       held_at_zero=self.method.held_at_zero(self.network),
+                                       teacher=self.method.teacher(self.network))
         # AdaCos's loss has a state (its scale): restarted with the optimizer, checkpointed.
         self.loss = self.task.make_loss(config, info.num_classes)
         self.model.compile(

@@ -83,6 +83,14 @@ def restart_optimizer(optimizer: keras.optimizers.Optimizer) -> None:
         v.assign(tf.zeros(v.shape, v.dtype))
 
 
+class _Untracked:
+    """Holds a value out of Keras's attribute tracking (a teacher network is not a layer of
+    the model it teaches)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
 class KEModel(keras.Model):
     """Wraps a functional `network`; `fit` trains it with coupled L2 weight decay.
 
@@ -97,19 +105,28 @@ class KEModel(keras.Model):
       held_at_zero: paths of variables that `hold_at_zero` may pin to zero after every optimizer
         step (DSD's sparse phases); their 0/1 multipliers are variables of the compiled step,
         so changing them needs no re-tracing. Empty (the default) costs nothing.
+      teacher: (teacher network, temperature T, weight) of Born-Again Networks: the loss gains
+        weight * T^2 * KL(softmax(t/T) || softmax(s/T)) (`losses.class_wise_kd`, batch mean)
+        with t the teacher's logits of the same images (a forward pass in inference mode, no
+        gradient) and s the trained network's. `weight` is a scalar float32 tf.Variable read
+        by the compiled step, so setting it needs no re-tracing; while it is 0 the teacher is
+        not even run. The teacher is not tracked as a part of this model (its variables are
+        neither trained nor in `variables`). None (the default): no teacher.
     """
 
     fused_update = True  # False: always `optimizer.apply` (the unfused reference)
 
     def __init__(self, network: keras.Model, weight_decay: float = 1e-4,
                  cskd: Optional[Tuple[float, float]] = None,
-                 held_at_zero: Sequence[str] = (), **kwargs):
+                 held_at_zero: Sequence[str] = (),
+                 teacher: Optional[Tuple[keras.Model, float, tf.Variable]] = None, **kwargs):
         super().__init__(name=kwargs.pop("name", "ke_model"), **kwargs)
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0. Received: weight_decay={weight_decay!r}")
         self.network = network
         self.weight_decay = weight_decay
         self.cskd = cskd
+        self._teacher = _Untracked(teacher) if teacher is not None else None
         by_path = {v.path: v for v in network.trainable_variables}
         self._multipliers = [(by_path[p], tf.Variable(tf.ones(by_path[p].shape, by_path[p].dtype),
                                                       trainable=False)) for p in held_at_zero]
@@ -153,6 +170,8 @@ class KEModel(keras.Model):
                 with tape.stop_recording():
                     partner_logits = self(partners, training=True)
                 loss += weight * losses.class_wise_kd(y_pred, partner_logits, temperature)
+            if self._teacher is not None:
+                loss += self._distillation(x, y_pred)
             # loss * scale under mixed_float16
             scaled_loss = self.optimizer.scale_loss(loss / replicas if replicas > 1 else loss)
         variables = self.trainable_variables
@@ -176,6 +195,17 @@ class KEModel(keras.Model):
             else:  # float32 outputs for the metrics also under mixed precision
                 metric.update_state(y, tf.cast(y_pred, "float32"))
         return {m.name: m.result() for m in self.metrics}
+
+    def _distillation(self, x, y_pred) -> tf.Tensor:
+        """weight * T^2 * KL(softmax(teacher(x)/T) || softmax(y_pred/T)), or exactly 0 without
+        running the teacher while the weight is 0 (Born-Again Networks' first generation)."""
+        teacher, temperature, weight = self._teacher.value
+
+        def term():
+            logits = tf.stop_gradient(teacher(x, training=False))
+            return tf.cast(weight, tf.float32) * losses.class_wise_kd(y_pred, logits, temperature)
+
+        return tf.cond(tf.not_equal(weight, 0), term, lambda: tf.constant(0.0, tf.float32))
 
     def _fused_sgd(self) -> bool:
         """Whether the update can run as fused kernels (`_apply_fused_sgd`): `fused_update`, a

@@ -53,6 +53,12 @@ class Method:
         """Paths of the variables the method may pin to zero after every step (DSD)."""
         return ()
 
+    def teacher(self, network: keras.Model):
+        """The distillation of every training step (`KEModel`'s `teacher`): (frozen teacher
+        network, temperature, weight as a tf.Variable), built once from the trained `network`
+        (Born-Again Networks); None (the default): no teacher."""
+        return None
+
     def networks_to_evaluate(self, network: keras.Model,
                              masks: masks_lib.Masks) -> Dict[str, keras.Model]:
         """{row name: network} evaluated every generation, built once. A network other than
