@@ -25,7 +25,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ke_tf import atomic, checkpoint, config as config_lib, cost, data as data_lib, export, faults
+from ke_tf import atomic, checkpoint, config as config_lib, cost, data as data_lib, execution
+from ke_tf import export, faults
 from ke_tf import masks as masks_lib, methods, model as model_lib, networks, results, slim, tasks
 from ke_tf.config import ConfigError, RunConfig, RunError
 from ke_tf.hooks import Evaluation, Hook, Hooks
@@ -108,12 +109,10 @@ class GenerationRunner:
         self.generations, self.epochs = self.method.schedule()
         if config.deterministic:  # bit-identical reruns and resumes (TensorFlow op determinism)
             tf.config.experimental.enable_op_determinism()
-        self.strategy = (tf.distribute.MirroredStrategy() if config.strategy == "mirrored"
-                         else tf.distribute.get_strategy())
+        self.strategy = execution.strategy(config)
         policy = keras.mixed_precision.global_policy()
-        if config.mixed_precision:  # layers keep the policy they were built with
-            gpu = bool(tf.config.list_logical_devices("GPU"))
-            keras.mixed_precision.set_global_policy("mixed_float16" if gpu else "mixed_bfloat16")
+        # layers keep the policy they were built with
+        keras.mixed_precision.set_global_policy(execution.precision_policy(config))
         try:
             with self.strategy.scope():
                 self._build(info)
@@ -134,10 +133,7 @@ class GenerationRunner:
         dense = networks.build(m.arch, info.num_classes, size, stem=m.stem, head=m.head,
                                embedding_dim=m.embedding_dim, width_multiplier=m.width_multiplier,
                                classifier=networks.classifier_for(config.train.loss))
-        if config.strategy == "mirrored":  # BatchNorm statistics over the global batch, so
-            for layer in dense.layers:  # that N devices compute what one device would
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    layer.synchronized = True
+        execution.synchronize_batchnorm(config, dense)
         self.network = self.method.network(dense)
         self.masks = self.method.initial_masks(self.network)
         # The networks evaluated every generation, built once (their predict functions too).
