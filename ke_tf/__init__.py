@@ -6,7 +6,7 @@ functional graph), ``masks`` (KELS/WELS split masks, sec. 3.2), ``reinit`` (Eq. 
 paper's settings as defaults), ``presets`` (named settings), ``data`` (sources, transforms,
 pipelines), ``losses``, ``metrics``, ``tasks`` (classification vs metric learning), ``model``
 (train_step), ``methods`` (one object per method: KE and its peers LLF, DSD, DNR, long, slim
-from scratch), ``generations`` (the KE loop), ``state`` (where a run stands), ``hooks`` (the
+from scratch), ``generations`` (the KE loop), ``evolution`` (``ke_tf.evolve``: KE for your own model and data), ``state`` (where a run stands), ``hooks`` (the
 side work's interface), ``results`` (the CSV tables), ``checkpoint`` (resume and export),
 ``repr_filters`` (RePr's filter ranking and orthogonal re-init, for the RePr baseline),
 ``monitor``, ``export``, ``faults`` (fault injection), ``atomic`` (atomic outputs), ``cli``
@@ -14,3 +14,13 @@ side work's interface), ``results`` (the CSV tables), ``checkpoint`` (resume and
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """`ke_tf.evolve` (`ke_tf.evolution.evolve`), imported on first use: `import ke_tf.config`
+    and the command line's flag parsing stay free of TensorFlow."""
+    if name == "evolve":
+        from ke_tf.evolution import evolve
+
+        return evolve
+    raise AttributeError(f"module 'ke_tf' has no attribute {name!r}")

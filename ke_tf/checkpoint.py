@@ -32,10 +32,11 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from ke_tf import atomic, faults
-from ke_tf.config import ConfigError, RunConfig
+from ke_tf.config import CUSTOM_ARCH, ConfigError, RunConfig
 from ke_tf.hooks import Hook
 
 DIR = "checkpoints"
+NETWORK_JSON = "network.json"  # the architecture of a network given from Python (arch "custom")
 LAST = "last"
 STATE = "state.json"
 
@@ -175,9 +176,10 @@ def load_networks(run_dir: str, generation: Optional[int] = None) -> Loaded:
                           f"generations {', '.join(map(str, kept))}")
     state, arrays = load(generation_dir(run_dir, generation))
     m, size = config.model, config.data.image_size
-    dense = networks.build(m.arch, state["num_classes"], size, stem=m.stem, head=m.head,
-                           embedding_dim=m.embedding_dim, width_multiplier=m.width_multiplier,
-                           classifier=networks.classifier_for(config.train.loss))
+    dense = _network_of(run_dir) if m.arch == CUSTOM_ARCH else networks.build(
+        m.arch, state["num_classes"], size, stem=m.stem, head=m.head,
+        embedding_dim=m.embedding_dim, width_multiplier=m.width_multiplier,
+        classifier=networks.classifier_for(config.train.loss))
     nets = {}
     if "dense" in arrays:
         assign(dense.variables, arrays["dense"], "dense network")
@@ -188,6 +190,19 @@ def load_networks(run_dir: str, generation: Optional[int] = None) -> Loaded:
         nets["slim"] = net
     return Loaded(nets=nets, generation=generation, class_names=tuple(state["class_names"]),
                   output_name=state["output_name"], config=config)
+
+
+def _network_of(run_dir: str):
+    """The network a run was given from Python, rebuilt (random weights) from network.json by
+    Keras's safe deserialization: its layers must be Keras's, ke_tf's or registered ones."""
+    import keras
+
+    path = os.path.join(run_dir, NETWORK_JSON)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{run_dir} was trained on a network given from Python but holds no "
+                          f"{NETWORK_JSON}")
+    with open(path) as f:
+        return keras.saving.deserialize_keras_object(json.load(f), safe_mode=True)
 
 
 class Checkpoints(Hook):

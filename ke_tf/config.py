@@ -34,6 +34,7 @@ def _require(cond: bool, flag: str, msg: str, value) -> None:
 
 PAPER_DATASETS = ("oxford_flowers102", "caltech_birds2011", "stanford_dogs", "cars196")
 DATASETS = ("digits",) + PAPER_DATASETS  # plus "folder:PATH"
+IN_MEMORY = "memory"  # data given from Python (`ke_tf.evolve`), not loaded by ke_tf.data
 TASKS = ("classification", "metric")
 
 
@@ -41,7 +42,8 @@ TASKS = ("classification", "metric")
 class DataConfig:
     """Which data, how it is cut into batches and augmented (see `ke_tf.data`).
 
-    dataset: "digits" (embedded, offline), a tfds name from PAPER_DATASETS, or "folder:PATH".
+    dataset: "digits" (embedded, offline), a tfds name from PAPER_DATASETS, "folder:PATH", or
+      IN_MEMORY ("memory": tf.data.Datasets given from Python, see `ke_tf.evolve`).
     data_dir / manual_dir: tfds directories (None: tfds' defaults).
     image_size: side of the square images fed to the network, in pixels.
     batch_size: training batch size; for task="metric" it must equal p_classes * k_images.
@@ -68,7 +70,8 @@ class DataConfig:
 
     def validate(self) -> "DataConfig":
         ds = self.dataset
-        _require(ds in DATASETS or (ds.startswith("folder:") and len(ds) > len("folder:")),
+        _require(ds in DATASETS + (IN_MEMORY,) or (ds.startswith("folder:")
+                                                   and len(ds) > len("folder:")),
                  "dataset", f"must be one of {', '.join(DATASETS)} or folder:PATH", ds)
         _require(self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}", self.task)
         _require(8 <= self.image_size <= 1024, "image_size", "must be in [8, 1024]", self.image_size)
@@ -85,6 +88,8 @@ class DataConfig:
 
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "vgg11_bn", "densenet121", "densenet169", "googlenet")
+KERAS_ARCH = "keras:"  # "keras:NAME": any keras.applications constructor (networks/applications.py)
+CUSTOM_ARCH = "custom"  # a functional keras.Model given from Python (`ke_tf.evolve`)
 STEMS = ("imagenet", "small")
 HEADS = ("logits", "embedding")
 
@@ -100,11 +105,19 @@ class ModelConfig:
     embedding_dim: int = 128
 
     def validate(self) -> "ModelConfig":
-        _require(self.arch in ARCHS, "arch", f"must be one of {', '.join(ARCHS)}", self.arch)
+        _require(self.arch in ARCHS + (CUSTOM_ARCH,) or (self.arch.startswith(KERAS_ARCH) and
+                                                          len(self.arch) > len(KERAS_ARCH)),
+                 "arch", f"must be one of {', '.join(ARCHS)} or keras:NAME (a "
+                 "keras.applications constructor, e.g. keras:MobileNetV2)", self.arch)
         _require(self.stem is None or self.stem in STEMS, "stem",
                  f"must be one of {', '.join(STEMS)}", self.stem)
         _require(0 < self.width_multiplier <= 4, "width_multiplier", "must be in (0, 4]",
                  self.width_multiplier)
+        if self.arch not in ARCHS:  # keras:NAME or a network given from Python
+            _require(self.width_multiplier == 1.0, "width_multiplier", "applies to ke_tf's own "
+                     f"architectures only, not --arch={self.arch}", self.width_multiplier)
+            _require(self.stem is None, "stem", "applies to ke_tf's own architectures only, "
+                     f"not --arch={self.arch}", self.stem)
         _require(self.head in HEADS, "head", f"must be one of {', '.join(HEADS)}", self.head)
         _require(self.embedding_dim >= 2, "embedding_dim", "must be >= 2", self.embedding_dim)
         return self

@@ -34,7 +34,7 @@ from ke_tf.monitor import Monitor
 from ke_tf.state import RunState
 
 OUTPUTS = (results.RESULTS, results.HYPOTHESES, "config.json", "masks.npz", "tensorboard",
-           "export", checkpoint.DIR)
+           "export", checkpoint.DIR, checkpoint.NETWORK_JSON)
 HEAD_COLUMNS = ("generation", "net", "method", "split_mode", "split_rate")
 COST_COLUMNS = ("params", "macs", "seconds")
 
@@ -84,20 +84,31 @@ class GenerationRunner:
       data: the loaded data (default: `ke_tf.data.load(config.data)`), for tests and reuse.
       verbose: progress bars and tables on the console.
       hooks: more `ke_tf.hooks.Hook`s, called after the run's own at every point.
+      network: a functional `keras.Model` to train instead of building `config.model.arch`
+        (which must then be "custom"; see `ke_tf.evolution`): trained in place, its
+        architecture saved as network.json for `ke_tf.export`.
 
     After `run()`: `state` (`ke_tf.state.RunState`: the rows of results.csv, ...), `network`
     (the trained N_G), `nets` (the networks evaluated, by row name), `masks`.
     """
 
     def __init__(self, config: RunConfig, data: Optional[data_lib.Data] = None,
-                 verbose: bool = True, hooks: Sequence[Hook] = ()):
+                 verbose: bool = True, hooks: Sequence[Hook] = (),
+                 network: Optional[keras.Model] = None):
         self.config = config.validate()
         self.method = methods.create(config)
         self.verbose, self.extra_hooks = verbose, list(hooks)
         m, size = config.model, config.data.image_size
         stem = m.stem or networks.default_stem(size)
+        if (network is None) == (m.arch == config_lib.CUSTOM_ARCH):
+            raise ConfigError(f"--arch={m.arch}: a network given from Python needs "
+                              f"arch={config_lib.CUSTOM_ARCH!r}, and that arch needs one")
+        if network is not None and config.strategy != "none":
+            raise ConfigError(f"--strategy={config.strategy} builds the network in the "
+                              "strategy's scope: it cannot take a network built outside it")
+        self._network = network
         self._refuse_other_run()
-        if size < networks.min_image_size(m.arch, stem):
+        if network is None and size < networks.min_image_size(m.arch, stem):
             raise ConfigError(f"--image_size must be >= {networks.min_image_size(m.arch, stem)} "
                               f"for --arch={m.arch} with the {stem} stem. Received: image_size={size}")
         self.data = data if data is not None else data_lib.load(config.data)
@@ -130,9 +141,10 @@ class GenerationRunner:
         """The networks, masks and compiled KEModel (under the strategy's scope)."""
         config, m, size = self.config, self.config.model, self.config.data.image_size
         keras.utils.set_random_seed(config.seed)  # the initial weights of N_1
-        dense = networks.build(m.arch, info.num_classes, size, stem=m.stem, head=m.head,
-                               embedding_dim=m.embedding_dim, width_multiplier=m.width_multiplier,
-                               classifier=networks.classifier_for(config.train.loss))
+        dense = self._network or networks.build(
+            m.arch, info.num_classes, size, stem=m.stem, head=m.head, embedding_dim=m.embedding_dim,
+            width_multiplier=m.width_multiplier,
+            classifier=networks.classifier_for(config.train.loss))
         execution.synchronize_batchnorm(config, dense)
         self.network = self.method.network(dense)
         self.masks = self.method.initial_masks(self.network)
@@ -335,6 +347,9 @@ class GenerationRunner:
         with atomic.open_atomic(os.path.join(run_dir, "config.json")) as f:
             json.dump(cfg.to_flags(), f, indent=2, sort_keys=True)
         masks_lib.save(os.path.join(run_dir, "masks.npz"), self.masks)
+        if cfg.model.arch == config_lib.CUSTOM_ARCH:  # what `ke_tf.export` rebuilds it from
+            with atomic.open_atomic(os.path.join(run_dir, checkpoint.NETWORK_JSON)) as f:
+                f.write(self.network.to_json())
         return RunState(), False
 
     def _restore(self, state: RunState, arrays: dict) -> None:

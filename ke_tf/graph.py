@@ -34,6 +34,8 @@ from typing import Callable, Dict, List
 import keras
 import numpy as np
 
+from ke_tf.config import ConfigError
+
 L = keras.layers
 
 # Layers whose kernel mixes all input channels into all output channels.
@@ -56,8 +58,9 @@ NEEDS_ALL_FIT = (L.Softmax, L.UnitNormalization, L.LayerNormalization)
 CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
 
 
-class UnsupportedLayerError(ValueError):
-    """A layer whose channels cannot be followed through the graph."""
+class UnsupportedLayerError(ConfigError):
+    """A layer whose channels cannot be followed through the graph (a ValueError; bad input:
+    the command line exits 2 with the message, which names the layer and its type)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +74,29 @@ class Flow:
 ChooseOut = Callable[[keras.layers.Layer, np.ndarray], np.ndarray]
 
 
+def functional(model) -> keras.Model:
+    """`model` as a flat functional graph, the form the masks, slim extraction and
+    re-initialization walk: a functional `keras.Model` as it is, a `keras.Sequential` that
+    starts with a `keras.Input` as the functional model of its layers (the same layers and
+    weights); anything else raises ConfigError saying what is needed."""
+    from keras.src.models.functional import Functional  # no public name for the class
+
+    if isinstance(model, keras.Sequential):
+        try:
+            inputs, outputs = model.inputs, model.outputs
+        except (AttributeError, ValueError) as err:
+            raise ConfigError(f"the Sequential model '{model.name}' has no known input: start "
+                              "it with keras.Input(shape) so that its graph exists") from err
+        one = lambda tensors: tensors[0] if len(tensors) == 1 else tensors  # noqa: E731
+        return keras.Model(one(inputs), one(outputs), name=model.name)
+    if not isinstance(model, Functional):
+        raise ConfigError(f"{type(model).__name__} is not a functional keras.Model (a subclassed "
+                          "model has no graph to split into fit and reset hypotheses, sec. 3.2): "
+                          "build it as keras.Model(inputs, outputs) or as a keras.Sequential "
+                          f"starting with keras.Input. Received: model={model!r}")
+    return model
+
+
 def layers_in_order(model: keras.Model) -> List[keras.layers.Layer]:
     """The model's layers in topological order; rejects graphs this module cannot walk."""
     for op in model.operations:
@@ -80,12 +106,13 @@ def layers_in_order(model: keras.Model) -> List[keras.layers.Layer]:
                 "graph; wrap it in a keras layer. Received: operation=" + op.name)
         if isinstance(op, keras.Model):
             raise UnsupportedLayerError(
-                f"Layer '{op.name}' is a nested model; build the network as one flat "
-                f"functional graph. Received: layer={op.name}")
+                f"Layer '{op.name}' ({type(op).__name__}) is a nested model; build the "
+                f"network as one flat functional graph. Received: layer={op.name}")
         if len(op._inbound_nodes) > 1:  # noqa: SLF001 - Keras has no public node count
             raise UnsupportedLayerError(
-                f"Layer '{op.name}' is shared (called {len(op._inbound_nodes)} times); shared "
-                f"layers are not supported. Received: layer={op.name}")
+                f"Layer '{op.name}' ({type(op).__name__}) is shared (called "
+                f"{len(op._inbound_nodes)} times); shared layers are not supported. "
+                f"Received: layer={op.name}")
     return list(model.operations)
 
 

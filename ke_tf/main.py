@@ -51,7 +51,9 @@ flags.DEFINE_integer("digits_per_class", D["digits_per_class"], "digits: trainin
 flags.DEFINE_integer("recal_images", D["recal_images"], "Training images that re-estimate the slim network's "
                      "BatchNorm statistics.", lower_bound=1, module_name=DATA)
 
-flags.DEFINE_enum("arch", D["arch"], C.ARCHS, "Architecture.", module_name=NETWORK)
+flags.DEFINE_string("arch", D["arch"], f"{', '.join(C.ARCHS)}, or keras:NAME for a "
+                    "keras.applications constructor (e.g. keras:MobileNetV2).",
+                    module_name=NETWORK)
 flags.DEFINE_enum("stem", None, C.STEMS, "imagenet (7x7/2 conv + max-pool) or small (3x3 "
                   "conv) [default: small <= 64 px].", module_name=NETWORK)
 flags.DEFINE_integer("embedding_dim", D["embedding_dim"], "--task=metric: embedding size (paper: 128).",
@@ -175,9 +177,9 @@ def main(argv) -> None:
     if not FLAGS.quiet:
         for note in notes:  # the defaults a method or regularizer chose
             print(f"default {note}")
-    from ke_tf.generations import GenerationRunner  # heavy imports after the usage checks
+    from ke_tf import evolution  # heavy imports after the usage checks
 
-    GenerationRunner(cfg, verbose=not FLAGS.quiet).run()
+    evolution.run(cfg, verbose=not FLAGS.quiet)
     print(f"results: {os.path.join(cfg.run_dir, 'results.csv')}")
 
 

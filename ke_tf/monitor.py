@@ -38,7 +38,7 @@ from ke_tf.hooks import Hook
 HPARAMS = (
     hp.HParam("dataset"),
     hp.HParam("task", hp.Discrete(list(C.TASKS))),
-    hp.HParam("arch", hp.Discrete(list(C.ARCHS))),
+    hp.HParam("arch"),  # ARCHS, keras:NAME or custom
     hp.HParam("width_multiplier", hp.RealInterval(0.0, 4.0)),
     hp.HParam("image_size", hp.IntInterval(8, 1024)),
     hp.HParam("method", hp.Discrete(list(C.METHODS))),

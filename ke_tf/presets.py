@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
-from ke_tf.config import RunConfig
+from ke_tf.config import KERAS_ARCH, RunConfig
 
 PAPER: Dict[str, object] = RunConfig().to_flags()  # every default, flat
 
@@ -47,6 +47,8 @@ def complete(flags: Dict[str, object], notes: Optional[List[str]] = None) -> Dic
         k = v.get("k_images") or PAPER["k_images"]
         preset.update(lr=preset["lr"] / METRIC_LR_DIVISOR, p_classes=p, batch_size=p * k)
     v["head"] = "embedding" if v.get("task") == "metric" else "logits"
+    if str(v.get("arch", "")).startswith(KERAS_ARCH) and "width_multiplier" not in v:
+        preset["width_multiplier"] = 1.0  # a keras.applications network has its own widths
     regularizer = v.get("regularizer", preset["regularizer"])
     if regularizer == "cskd" and "batch_size" not in v and preset["batch_size"] % 2:
         preset["batch_size"] = DIGITS_EVEN_BATCH

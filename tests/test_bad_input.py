@@ -52,8 +52,12 @@ CASES = {
     "unknown_dataset": (["--dataset=imagenet"], "--dataset must be one of digits, "
                         "oxford_flowers102, caltech_birds2011, stanford_dogs, cars196 or "
                         "folder:PATH. Received: dataset='imagenet'"),
-    "unknown_arch": (["--arch=resnet9"], "flag --arch=resnet9: value should be one of "
-                     "<resnet18|resnet34|resnet50|vgg11_bn|densenet121|densenet169|googlenet>"),
+    "unknown_arch": (["--arch=resnet9"], "--arch must be one of resnet18, resnet34, resnet50, "
+                     "vgg11_bn, densenet121, densenet169, googlenet or keras:NAME (a "
+                     "keras.applications constructor, e.g. keras:MobileNetV2). "
+                     "Received: arch='resnet9'"),
+    "unknown_keras_arch": (["--arch=keras:ResNet9", "--width_multiplier=1"], "--arch=keras:ResNet9: keras.applications "
+                           "has no constructor 'ResNet9'"),
     "missing_folder": (["--dataset=folder:{tmp}/nowhere"], "/nowhere/train is not a directory; "
                        "expected"),
     "missing_data_dir": (["--dataset=oxford_flowers102", "--data_dir={tmp}/tfds"],

@@ -2,6 +2,8 @@
 import os
 import re
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -47,3 +49,21 @@ def test_training_from_python_example_runs(capsys, tmp_path, monkeypatch):
     assert isinstance(scope["slim_net"], keras.Model)
     assert (tmp_path / "runs" / "python-digits" / "export" / "slim").is_dir()
     assert scope["runner"].state.finished and scope["runner"].state.generation == 2
+
+
+def test_your_own_model_example_runs(capsys, tmp_path, monkeypatch):
+    """The README's "Your own model" example, as written, in a fresh directory."""
+    block = [b for b in re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
+             if "ke_tf.evolve(" in b]
+    assert len(block) == 1
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block[0], "README.md", "exec"), scope)
+    lines = [line.split() for line in capsys.readouterr().out.strip().splitlines()]
+    assert [(g, net) for g, net, _, _ in lines] == [
+        (str(g), net) for g in (1, 2, 3) for net in ("dense", "slim", "slim_recal")]
+    assert all(0 <= float(top1) <= 100 for _, _, top1, _ in lines)
+    dense_params, slim_params = int(lines[-3][3]), int(lines[-1][3])
+    assert slim_params < dense_params / 2  # half the filters: about a quarter of the weights
+    assert sum(int(np.prod(w.shape)) for w in scope["slim"].trainable_weights) == slim_params
+    assert (tmp_path / "runs" / "my-model" / "network.json").is_file()

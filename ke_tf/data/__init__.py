@@ -19,7 +19,7 @@ this process has already read: the training stream of epoch e is a function of (
 epoch e has the same batches in a run that resumes at epoch e as in one that never stopped.
 """
 from ke_tf.data import pipelines, sources, transforms
-from ke_tf.data.pipelines import Data, DatasetInfo, anchors_then_partners, load
+from ke_tf.data.pipelines import Data, DatasetInfo, anchors_then_partners, from_datasets, load
 from ke_tf.data.sources import DataError, image_problem
 from ke_tf.data.transforms import (
     DIGITS, IMAGENET_MEAN, IMAGENET_STD, NATURAL, Augment, eval_side, eval_transform, normalize,
@@ -27,7 +27,7 @@ from ke_tf.data.transforms import (
 
 __all__ = [
     "pipelines", "sources", "transforms",
-    "Data", "DatasetInfo", "anchors_then_partners", "load",
+    "Data", "DatasetInfo", "anchors_then_partners", "from_datasets", "load",
     "DataError", "image_problem",
     "DIGITS", "IMAGENET_MEAN", "IMAGENET_STD", "NATURAL", "Augment", "eval_side", "eval_transform",
     "normalize", "random_resized_crop", "resize_shorter_side", "train_transform",

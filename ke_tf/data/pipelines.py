@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from ke_tf.config import DataConfig
+from ke_tf.config import IN_MEMORY, DataConfig
 from ke_tf.data.sources import DataError, Pool, Source, read_source
 from ke_tf.data.transforms import eval_transform, train_transform
 
@@ -77,6 +77,9 @@ class Data:
 def load(cfg: DataConfig) -> Data:
     """The four pipelines of `cfg.dataset`; raises DataError (or ConfigError) on bad input."""
     cfg.validate()
+    if cfg.dataset == IN_MEMORY:
+        raise DataError(f"--dataset={IN_MEMORY}: the data are given from Python "
+                        "(ke_tf.data.from_datasets), not loaded")
     tf.random.set_seed(cfg.seed)  # tf.data's shuffle seeds mix in the global seed
     src = read_source(cfg)
     if cfg.task == "metric":
@@ -259,6 +262,37 @@ def _pk_stream(cfg: DataConfig, src: Source, pool: Pool, p: int, k: int, flags: 
                                                   num_parallel_calls=AUTOTUNE)
 
     return train_from, steps, plain
+
+
+def from_datasets(train: tf.data.Dataset, test: Optional[tf.data.Dataset] = None,
+                  val: Optional[tf.data.Dataset] = None, *, num_classes: int,
+                  class_names: Optional[Sequence[str]] = None) -> Data:
+    """`Data` of a user's own batched tf.data.Datasets of (images, integer labels), as
+    `ke_tf.evolve` takes them. The images are used as they come (preprocessed and augmented by
+    the user's pipeline); one pass over `train` is an epoch, and it is repeated as it is, so a
+    resumed run gets the same batches only if `train`'s order is a function of nothing else.
+    `test` and `val` must keep one order (no reshuffling): their labels are read once. No
+    `test`: the rows have empty test columns."""
+    def count(ds):  # (batches, images): one pass over the dataset
+        sizes = [] if ds is None else [int(tf.shape(x)[0]) for x, _ in ds]
+        return len(sizes), sum(sizes)
+
+    steps, num_train = count(train)
+    if steps == 0:
+        raise DataError("ke_tf.evolve: `train` yields no batch")
+    x, y = next(iter(train))
+    if len(x.shape) != 4 or len(y.shape) != 1:
+        raise DataError(f"ke_tf.evolve: `train` must yield batches (images [b, h, w, c], labels "
+                        f"[b]). Received: images {tuple(x.shape)}, labels {tuple(y.shape)}")
+    names = tuple(str(c) for c in (class_names or range(num_classes)))
+    _, num_test = count(test)
+    _, num_val = count(val)
+    info = DatasetInfo(name=IN_MEMORY, num_classes=num_classes, class_names=names,
+                       image_size=int(x.shape[1]), num_train=num_train, num_test=num_test,
+                       num_val=num_val, has_val=val is not None, num_test_classes=num_classes,
+                       test_class_names=names)
+    return Data(info=info, train_from=lambda first_epoch: train.repeat(), steps_per_epoch=steps,
+                train_plain=train, val=val, test=test)
 
 
 def anchors_then_partners(images: tf.Tensor, labels: tf.Tensor):

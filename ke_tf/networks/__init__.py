@@ -10,7 +10,7 @@ names. Weights are randomly initialized as in the official KE code (see `layers`
 import keras
 
 from ke_tf.config import ARCHS, HEADS, STEMS  # the names, defined once (no TensorFlow there)
-from ke_tf.networks import densenet, googlenet, resnet, vgg
+from ke_tf.networks import applications, densenet, googlenet, resnet, vgg
 from ke_tf.networks.layers import CLASSIFIERS, dense
 
 _MODULES = {
@@ -37,6 +37,9 @@ def default_stem(image_size):
 
 def min_image_size(arch, stem):
     """The smallest square image `arch` with `stem` accepts (no spatial size drops below 1)."""
+    if applications.is_application(arch):
+        applications.constructor(arch)  # an unknown name fails here, before any data is read
+        return applications.MIN_IMAGE_SIZE
     return _MODULES[arch].MIN_IMAGE_SIZE[stem]
 
 
@@ -45,7 +48,8 @@ def build(arch, num_classes, image_size, stem=None, head="logits", embedding_dim
     """Builds `arch` for `image_size` x `image_size` x `channels` images, randomly initialized.
 
     Args:
-        arch: one of `ARCHS`.
+        arch: one of `ARCHS`, or "keras:NAME" for any `keras.applications` constructor
+            (`applications.py`; `stem` and `width_multiplier` do not apply to it).
         num_classes: number of logits of the "logits" head; may be None for the "embedding" head.
         image_size: side of the square input images, in pixels.
         stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool), "small" (3x3/1 conv, no max-pool, for
@@ -61,8 +65,9 @@ def build(arch, num_classes, image_size, stem=None, head="logits", embedding_dim
     Returns:
         A functional `keras.Model` named `arch`.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"Unknown `arch`, expected one of {ARCHS}. Received: arch={arch!r}")
+    if arch not in ARCHS and not applications.is_application(arch):
+        raise ValueError(f"Unknown `arch`, expected one of {ARCHS} or 'keras:NAME'. "
+                         f"Received: arch={arch!r}")
     if stem is not None and stem not in STEMS:
         raise ValueError(f"Unknown `stem`, expected None or one of {STEMS}. "
                          f"Received: stem={stem!r}")
@@ -87,11 +92,15 @@ def build(arch, num_classes, image_size, stem=None, head="logits", embedding_dim
         raise ValueError(f"`image_size` must be >= {min_size} for {arch} with the {stem!r} stem. "
                          f"Received: image_size={image_size!r}")
 
-    inputs = keras.Input((image_size, image_size, channels), name="input")
-    x = _MODULES[arch].backbone(inputs, arch, stem, width_multiplier)
+    if applications.is_application(arch):
+        base = applications.backbone(arch, image_size)
+        inputs, x = base.input, base.output
+    else:
+        inputs = keras.Input((image_size, image_size, channels), name="input")
+        x = _MODULES[arch].backbone(inputs, arch, stem, width_multiplier)
     if head == "logits":
         outputs = dense(x, num_classes, "fc", classifier)
     else:
         x = dense(x, embedding_dim, "embedding")
         outputs = keras.layers.UnitNormalization(name="l2_normalize")(x)
-    return keras.Model(inputs, outputs, name=arch)
+    return keras.Model(inputs, outputs, name=arch.replace(applications.PREFIX, ""))
