@@ -183,16 +183,7 @@ def test_three_generations_on_digits_rows_of_the_dense_network(tmp_path):
 
 
 def test_folder_dataset(tmp_path):
-    import tensorflow as tf
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("test", 3)):
-        for c in ("cat", "dog", "owl"):
-            d = tmp_path / "imgs" / split / c
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
-                (d / f"{i}.png").write_bytes(tf.io.encode_png(img).numpy())
+    conftest.image_folder(tmp_path / "imgs")
     cfg = conftest.tiny_config(
         tmp_path / "run", data=dict(dataset=f"folder:{tmp_path / 'imgs'}", batch_size=6,
                                     recal_images=12),

@@ -13,7 +13,6 @@ import tensorflow as tf
 
 import conftest
 from ke_tf import checkpoint, export
-from ke_tf import config as C
 from ke_tf.generations import GenerationRunner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
