@@ -51,9 +51,8 @@ flags.DEFINE_integer("digits_per_class", D["digits_per_class"], "digits: trainin
 flags.DEFINE_integer("recal_images", D["recal_images"], "Training images that re-estimate the slim network's "
                      "BatchNorm statistics.", lower_bound=1, module_name=DATA)
 
-flags.DEFINE_string("arch", D["arch"], f"{', '.join(C.ARCHS)}, or keras:NAME for a "
-                    "keras.applications constructor (e.g. keras:MobileNetV2).",
-                    module_name=NETWORK)
+flags.DEFINE_string("arch", D["arch"], "resnet18/34/50, vgg11_bn, densenet121/169, googlenet, or "
+                    "keras:NAME (a keras.applications constructor).", module_name=NETWORK)
 flags.DEFINE_enum("stem", None, C.STEMS, "imagenet (7x7/2 conv + max-pool) or small (3x3 "
                   "conv) [default: small <= 64 px].", module_name=NETWORK)
 flags.DEFINE_integer("embedding_dim", D["embedding_dim"], "--task=metric: embedding size (paper: 128).",
