@@ -165,7 +165,7 @@ class SplitConfig:
 
 REGULARIZERS = ("none", "smooth", "cskd")
 LOSSES = ("ce", "adacos")
-STRATEGIES = ("none", "mirrored")
+STRATEGIES = ("none", "mirrored", "multi_worker")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,8 +244,10 @@ class RunConfig:
     deterministic: TensorFlow op determinism (same seed and flags: bit-identical results, also
       across a crash and resume). keep_generations: how many per-generation checkpoints to keep
       (the most recent; None keeps all). strategy: "mirrored" trains on every local GPU (or
-      logical CPU device) with `tf.distribute.MirroredStrategy`, the global batch split among
-      them. mixed_precision: float16 on GPU, bfloat16 on CPU, float32 master weights.
+      logical CPU device) with `tf.distribute.MirroredStrategy`, "multi_worker" on the machines
+      of the TF_CONFIG cluster with `tf.distribute.MultiWorkerMirroredStrategy`
+      (`ke_tf.execution`), the global batch split among them.
+      mixed_precision: float16 on GPU, bfloat16 on CPU, float32 master weights.
       jit_compile: XLA-compile the train step.
     """
 

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from ke_tf import atomic, checkpoint, config as config_lib, cost, data as data_lib, execution
-from ke_tf import export, faults
+from ke_tf import export, faults, multi_worker
 from ke_tf import masks as masks_lib, methods, model as model_lib, networks, results, slim, tasks
 from ke_tf.config import ConfigError, RunConfig, RunError
 from ke_tf.hooks import Evaluation, Hook, Hooks
@@ -96,6 +96,9 @@ class GenerationRunner:
                  verbose: bool = True, hooks: Sequence[Hook] = (),
                  network: Optional[keras.Model] = None):
         self.config = config.validate()
+        # First: MultiWorkerMirroredStrategy must precede every other TensorFlow op.
+        self.strategy = execution.strategy(config)
+        self.chief = execution.is_chief(config)  # writes the run directory
         self.method = methods.create(config)
         self.verbose, self.extra_hooks = verbose, list(hooks)
         m, size = config.model, config.data.image_size
@@ -120,7 +123,6 @@ class GenerationRunner:
         self.generations, self.epochs = self.method.schedule()
         if config.deterministic:  # bit-identical reruns and resumes (TensorFlow op determinism)
             tf.config.experimental.enable_op_determinism()
-        self.strategy = execution.strategy(config)
         policy = keras.mixed_precision.global_policy()
         # layers keep the policy they were built with
         keras.mixed_precision.set_global_policy(execution.precision_policy(config))
@@ -217,7 +219,7 @@ class GenerationRunner:
                 if g < self.generations:
                     self.between_generations(g)  # the method's rule; KE: Eq. 1
                     state.next_generation()
-            if self.config.export:
+            if self.config.export and self.chief:
                 self.export(os.path.join(self.config.run_dir, "export"))
             state.finished = True
             hooks.run_end(self, state)
@@ -243,10 +245,15 @@ class GenerationRunner:
                      _EpochEnd(self, state, hooks)]
         if faults.active("batch"):
             callbacks.append(faults.BatchFaults())
-        self.model.fit(
-            self.data.train_from((state.generation - 1) * self.epochs + state.epoch),
-            steps_per_epoch=self.data.steps_per_epoch, initial_epoch=state.epoch,
-            epochs=self.epochs, verbose=0, shuffle=False, callbacks=callbacks)
+        batches = self.data.train_from((state.generation - 1) * self.epochs + state.epoch)
+        if multi_worker.is_multi_worker(self.strategy):  # Keras's fit fails there (keras#20585)
+            multi_worker.fit(self.model, batches, steps_per_epoch=self.data.steps_per_epoch,
+                             initial_epoch=state.epoch, epochs=self.epochs, callbacks=callbacks,
+                             class_pairs=self.config.data.class_pairs)
+        else:
+            self.model.fit(batches, steps_per_epoch=self.data.steps_per_epoch,
+                           initial_epoch=state.epoch, epochs=self.epochs, verbose=0,
+                           shuffle=False, callbacks=callbacks)
         return {k: (100.0 * v if k != "train_loss" else v) for k, v in state.train.items()
                 if k in self.task.train_columns}
 
@@ -262,13 +269,16 @@ class GenerationRunner:
     def evaluate(self, generation: int, train: Dict[str, float]) -> Evaluation:
         """The rows of results.csv for every network evaluated (test, and val where the
         dataset has it) and the mean |w| of the fit and reset hypotheses per variable."""
+        # Under multi_worker every worker predicts alone, in the dataset's order.
+        predict = (multi_worker.predict if multi_worker.is_multi_worker(self.strategy)
+                   else lambda net, dataset: net.predict(dataset, verbose=0))
         rows = []
         for name, net in self.nets.items():
             row = dict.fromkeys(self.columns, "")
             row.update(generation=generation, net=name, method=self.method.name, **train,
                        **self.method.split_columns())
             for split, (dataset, labels) in self.eval_splits.items():
-                outputs = np.asarray(net.predict(dataset, verbose=0), np.float32)
+                outputs = np.asarray(predict(net, dataset), np.float32)
                 row.update(self.task.evaluate(outputs, labels, split, self.config.seed))
             row["params"], row["macs"] = self.costs[name]
             rows.append(row)
@@ -284,7 +294,8 @@ class GenerationRunner:
         """The masks a method returned: new ones are used from now on and saved as masks.npz."""
         if masks is not self.masks:
             self.masks = masks
-            masks_lib.save(os.path.join(self.config.run_dir, "masks.npz"), masks)
+            if self.chief:
+                masks_lib.save(os.path.join(self.config.run_dir, "masks.npz"), masks)
 
     def shipped(self) -> Dict[str, keras.Model]:
         """The networks a generation ships (checkpoint, export): the dense N_g and the slim
@@ -304,12 +315,18 @@ class GenerationRunner:
     # --- run directory, hooks and checkpoints ------------------------------------------------------
 
     def _hooks(self, resumed: bool) -> Hooks:
+        """The run's hooks; under --strategy=multi_worker the workers' agreement check first,
+        and only the chief writes (TensorBoard, results, checkpoints)."""
         run_dir = self.config.run_dir
-        return Hooks([Monitor(os.path.join(run_dir, "tensorboard"), self.config.to_flags(),
-                              verbose=self.verbose, resumed=resumed),
-                      results.Tables(run_dir, self.columns),
-                      checkpoint.Checkpoints(run_dir, self.config.keep_generations),
-                      faults.FaultPoints()] + self.extra_hooks)
+        own = []
+        if multi_worker.is_multi_worker(self.strategy):
+            own.append(multi_worker.SameOnEveryWorker(self.strategy))
+        if self.chief:
+            own += [Monitor(os.path.join(run_dir, "tensorboard"), self.config.to_flags(),
+                            verbose=self.verbose, resumed=resumed),
+                    results.Tables(run_dir, self.columns),
+                    checkpoint.Checkpoints(run_dir, self.config.keep_generations)]
+        return Hooks(own + [faults.FaultPoints()] + self.extra_hooks)
 
     def arrays(self) -> Dict[str, Dict[str, np.ndarray]]:
         """What `checkpoints/last` holds besides the state: network and optimizer variables by
@@ -331,12 +348,16 @@ class GenerationRunner:
         """(state, resumed): a fresh run directory and state, or the run to resume in it."""
         cfg, run_dir = self.config, self.config.run_dir
         last = checkpoint.last_dir(run_dir)
-        checkpoint.clean(run_dir)
+        if self.chief:
+            checkpoint.clean(run_dir)
+        multi_worker.barrier(self.strategy)  # the chief's clean-up is done before anyone reads
         if not cfg.overwrite and os.path.isdir(last):  # same flags: checked in __init__
             saved, arrays = checkpoint.load(last)
             state = RunState.from_json(saved)
             self._restore(state, arrays)
             return state, True
+        if not self.chief:  # the other workers of --strategy=multi_worker write nothing
+            return RunState(), False
         os.makedirs(run_dir, exist_ok=True)
         for name in OUTPUTS:  # a fresh start: nothing of a previous run survives
             path = os.path.join(run_dir, name)

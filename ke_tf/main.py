@@ -123,8 +123,9 @@ flags.DEFINE_float("triplet_margin", D["triplet_margin"], "--task=metric: triple
 flags.DEFINE_boolean("slim_bn_recalibration", D["slim_bn_recalibration"], "Also evaluate and export the slim network "
                      "with re-estimated BatchNorm statistics.", module_name=TRAINING)
 
-flags.DEFINE_enum("strategy", D["strategy"], C.STRATEGIES, "mirrored: data-parallel over every local "
-                  "GPU (or logical CPU device).", module_name=EXECUTION)
+flags.DEFINE_enum("strategy", D["strategy"], C.STRATEGIES, "mirrored: every GPU (or logical CPU "
+                  "device) of this machine; multi_worker: the machines of TF_CONFIG.",
+                  module_name=EXECUTION)
 flags.DEFINE_boolean("mixed_precision", D["mixed_precision"], "float16 on GPU, bfloat16 on CPU, float32 master "
                      "weights.", module_name=EXECUTION)
 flags.DEFINE_boolean("jit_compile", D["jit_compile"], "XLA-compile the train step (slow on CPU).",
@@ -169,17 +170,36 @@ def flag_values(defaults: bool = False) -> dict:
             for flag in FLAGS.get_flags_for_module(topic)}
 
 
+def start_multi_worker(cfg: C.RunConfig) -> bool:
+    """--strategy=multi_worker: TF_CONFIG checked (exit 2 naming it), then the process's
+    MultiWorkerMirroredStrategy created, before any other TensorFlow op (it configures the
+    collective ops; the flags' checks run none). It waits for every worker of the cluster, and
+    --batch_size must divide by its replicas. Returns whether this process is the chief."""
+    from ke_tf import execution
+
+    cluster = execution.cluster_from_env()
+    if not FLAGS.quiet:
+        role = "the chief: it writes --run_dir" if cluster.is_chief else "writes nothing"
+        print(f"--strategy=multi_worker: task {cluster.task_type}:{cluster.task_index} of "
+              f"{cluster.num_workers} ({role}); waiting for every worker", flush=True)
+    execution.strategy(cfg)
+    return cluster.is_chief
+
+
 def main(argv) -> None:
     notes: list = []
-    cfg = config_from_flags(flag_values(), notes)
-    check_run_dir(cfg.run_dir)
+    cfg = config_from_flags(flag_values(), notes)  # pure Python: no TensorFlow op
+    chief = start_multi_worker(cfg) if cfg.strategy == "multi_worker" else True
+    if chief:
+        check_run_dir(cfg.run_dir)
     if not FLAGS.quiet:
         for note in notes:  # the defaults a method or regularizer chose
             print(f"default {note}")
     from ke_tf import evolution  # heavy imports after the usage checks
 
     evolution.run(cfg, verbose=not FLAGS.quiet)
-    print(f"results: {os.path.join(cfg.run_dir, 'results.csv')}")
+    print(f"results: {os.path.join(cfg.run_dir, 'results.csv')}"
+          + ("" if chief else " (written by the chief)"))
 
 
 def run() -> None:
