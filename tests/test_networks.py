@@ -295,18 +295,26 @@ def test_fused_batch_norm_config_round_trip():
 
 # --- Conv2D: small outputs as im2col + matmul ----------------------------------------------------
 
-@pytest.mark.parametrize("size, c_in, kernel, strides, padding, use_bias, gemm", [
-    (2, 256, 3, 1, "same", False, True),    # ResNet18 layer4 at 64 px
-    (6, 256, 3, 2, "valid", True, True),    # its strided first conv, after ZeroPadding2D
-    (4, 2048, 1, 2, "valid", False, True),  # a strided 1x1 projection
-    (3, 256, 3, 1, "valid", False, True),   # a 1x1 output
-    (8, 256, 3, 1, "same", False, False),   # 8x8 outputs: the direct kernel
-    (2, 64, 3, 1, "same", False, False),    # patches too small
-    (4, 256, 2, 1, "same", False, False),   # even kernel with "same"
+@pytest.mark.parametrize("size, c_in, kernel, strides, padding, use_bias, gemm, batch", [
+    (2, 256, 3, 1, "same", False, True, 4),    # ResNet18 layer4 at 64 px
+    (6, 256, 3, 2, "valid", True, True, 4),    # its strided first conv, after ZeroPadding2D
+    (4, 2048, 1, 2, "valid", False, True, 4),  # a strided 1x1 projection
+    (3, 256, 3, 1, "valid", False, True, 4),   # a 1x1 output
+    (8, 256, 3, 1, "same", False, False, 4),   # 8x8 outputs: the direct kernel
+    (2, 64, 3, 1, "same", False, False, 4),    # patches too small
+    (4, 256, 2, 1, "same", False, False, 4),   # even kernel with "same"
+    # strided 1x1 convs of < 16 input channels (oneDNN's AVX-512 kernel corrupts the heap at odd
+    # batches), at odd batches: ResNet18 x1/16 and slim digits shortcuts, odd sizes, "same"
+    (32, 4, 1, 2, "valid", False, True, 15),
+    (32, 13, 1, 2, "valid", False, True, 25),
+    (31, 8, 1, 2, "same", True, True, 25),
+    (17, 3, 1, 3, "valid", False, True, 5),
+    (32, 16, 1, 2, "valid", False, False, 25),  # 16 channels: the direct kernel is fine
+    (32, 4, 1, 1, "valid", False, False, 25),   # stride 1: too
 ])
-def test_gemm_conv_matches_keras(size, c_in, kernel, strides, padding, use_bias, gemm):
+def test_gemm_conv_matches_keras(size, c_in, kernel, strides, padding, use_bias, gemm, batch):
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.normal(size=(4, size, size, c_in)).astype("float32"))
+    x = tf.constant(rng.normal(size=(batch, size, size, c_in)).astype("float32"))
     ref = keras.layers.Conv2D(8, kernel, strides, padding=padding, use_bias=use_bias)
     ours = network_layers.Conv2D(8, kernel, strides, padding=padding, use_bias=use_bias)
     for layer in (ref, ours):

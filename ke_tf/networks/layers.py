@@ -11,7 +11,8 @@ convolutions match torchvision.
 Two layers subclass Keras's own for speed only (same variables, names, config and numerics;
 README, Performance): `FusedBatchNormalization` runs BatchNormalization through TensorFlow's
 fused kernel, `Conv2D` computes convolutions with tiny outputs (ResNet's last stage on small
-images) as one matrix multiplication. `CosineDense` is AdaCos's cosine classifier
+images) as one matrix multiplication, and strided 1x1 convolutions of under 16 input channels
+too (TensorFlow's oneDNN AVX-512 kernel corrupts the heap there: README, Limits). `CosineDense` is AdaCos's cosine classifier
 (`--loss=adacos`).
 """
 import keras
@@ -39,6 +40,12 @@ def scale(channels, width_multiplier):
 # benchmark CPU). Larger outputs keep the direct kernel, which wins from 4x4 outputs on.
 GEMM_MAX_POSITIONS = 4
 GEMM_MIN_PATCH = 2048
+# A strided 1x1 convolution with fewer than ONEDNN_1X1_MIN_CHANNELS input channels also runs as a
+# (strided slice +) matrix multiplication: TensorFlow 2.21's oneDNN AVX-512 backward-weights
+# kernel for it (`jit_1x1:avx512_core`) corrupts the heap at odd batch sizes with 2+ threads
+# (README, Limits; tools/onednn_crash_repro.py). ResNet shortcuts of nets under 1/4 width or
+# slim nets hit it; the matmul computes the same numbers.
+ONEDNN_1X1_MIN_CHANNELS = 16
 
 
 @keras.saving.register_keras_serializable(package="ke_tf")
@@ -48,8 +55,10 @@ class Conv2D(keras.layers.Conv2D):
     Same kernel/bias variables and config as Keras's Conv2D; only `convolution_op` changes, and
     only for channels-last, ungrouped, undilated convolutions with static spatial sizes, an
     output of at most GEMM_MAX_POSITIONS positions and patches of at least GEMM_MIN_PATCH
-    values ("valid" padding, or "same" at stride 1 with an odd kernel). The patches are strided
-    slices of the (padded) input concatenated along channels, so gradients are slices and pads.
+    values ("valid" padding, or "same" at stride 1 with an odd kernel), and for strided 1x1
+    convolutions of fewer than ONEDNN_1X1_MIN_CHANNELS input channels (a oneDNN crash). The
+    patches are strided slices of the (padded) input concatenated along channels, so gradients
+    are slices and pads.
     """
 
     def _gemm_geometry(self, inputs):
@@ -59,6 +68,9 @@ class Conv2D(keras.layers.Conv2D):
             return None
         (kh, kw), (sh, sw) = self.kernel_size, self.strides
         h, w, c = (int(d) for d in inputs.shape[1:])
+        if (kh, kw) == (1, 1) and (sh, sw) != (1, 1) and c < ONEDNN_1X1_MIN_CHANNELS and (
+                self.padding in ("same", "valid")):  # 1x1: "same" pads nothing either
+            return (0, 0), (h - 1) // sh + 1, (w - 1) // sw + 1
         if self.padding == "same":
             if (sh, sw) != (1, 1) or kh % 2 == 0 or kw % 2 == 0:
                 return None
