@@ -62,7 +62,7 @@ def _parse_flags(argv: List[str]) -> List[str]:
         return flags.FLAGS(argv)
     except SystemExit:  # --help / --helpfull printed the help: that is no failure
         sys.exit(0)
-    except flags.Error as err:
+    except (flags.Error, ValueError) as err:  # ValueError: a value for --noFLAG
         sys.stderr.write(f"error: {err}\nPass --helpfull to see help on flags.\n")
         sys.exit(USAGE_ERROR)
 

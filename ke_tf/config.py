@@ -166,6 +166,10 @@ class SplitConfig:
 REGULARIZERS = ("none", "smooth", "cskd")
 LOSSES = ("ce", "adacos")
 STRATEGIES = ("none", "mirrored", "multi_worker")
+# --mixed_precision: off; auto (the bare flag: float16 on a GPU, bfloat16 on a CPU where it
+# helps, float32 elsewhere with a warning: `execution.decide_precision`); force (bfloat16 on any
+# CPU). Old config.json files hold true/false: auto/off.
+MIXED_PRECISION = ("off", "auto", "force")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +251,9 @@ class RunConfig:
       logical CPU device) with `tf.distribute.MirroredStrategy`, "multi_worker" on the machines
       of the TF_CONFIG cluster with `tf.distribute.MultiWorkerMirroredStrategy`
       (`ke_tf.execution`), the global batch split among them.
-      mixed_precision: float16 on GPU, bfloat16 on CPU, float32 master weights.
+      mixed_precision: one of MIXED_PRECISION ("off", "auto": float16 on GPU, bfloat16
+      on a CPU with bfloat16 units, "force": bfloat16 on any CPU; True/False mean auto/off),
+      float32 master weights.
       jit_compile: XLA-compile the train step.
     """
 
@@ -263,10 +269,12 @@ class RunConfig:
     deterministic: bool = False
     keep_generations: Optional[int] = None
     strategy: str = "none"
-    mixed_precision: bool = False
+    mixed_precision: str = "off"
     jit_compile: bool = False
 
     def __post_init__(self):
+        if isinstance(self.mixed_precision, bool):  # the boolean flag of older runs
+            object.__setattr__(self, "mixed_precision", "auto" if self.mixed_precision else "off")
         # One run seed: it also seeds the data pipeline's shuffling and augmentation; CS-KD
         # needs its batches of class pairs.
         object.__setattr__(self, "data", dataclasses.replace(
@@ -288,6 +296,8 @@ class RunConfig:
                  "must be >= 1 (or unset: keep all)", self.keep_generations)
         _require(self.strategy in STRATEGIES, "strategy",
                  f"must be one of {', '.join(STRATEGIES)}", self.strategy)
+        _require(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
+                 f"must be one of {', '.join(MIXED_PRECISION)}", self.mixed_precision)
         if self.data.task == "metric":
             _require(self.model.head == "embedding", "head",
                      "must be embedding with --task=metric", self.model.head)

@@ -9,7 +9,9 @@
   multi_worker only the chief task does).
 - `precision_policy(config)`: the Keras dtype policy the networks are built with
   (--mixed_precision): float32, or mixed_float16 on a GPU / mixed_bfloat16 on a CPU with float32
-  master weights.
+  master weights, the CPU's only where it helps (`decide_precision`: bfloat16 units in the CPU
+  flags, or a 1-second probe; a CPU without them trains in float32 with a warning unless
+  --mixed_precision=force).
 
 These never change the numbers a run should reach, so a run may be resumed with other values
 (`config.NOT_TRAINING`).
@@ -17,9 +19,14 @@ These never change the numbers a run should reach, so a run may be resumed with 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-from typing import Dict, Mapping, Optional, Tuple
+import platform
+import statistics
+import time
+import warnings
+from typing import Callable, Dict, FrozenSet, Mapping, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -185,8 +192,176 @@ def synchronize_batchnorm(config: RunConfig, network: keras.Model) -> None:
                 layer.synchronized = True
 
 
+# x86 CPU flags of bfloat16 arithmetic units: AVX512_BF16 (bfloat16 dot products: AMD Zen 4+,
+# Intel Cooper Lake, Sapphire Rapids+) and AMX-BF16 (tile matrix multiply: Sapphire Rapids+).
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# --mixed_precision without bfloat16 units in the CPU flags trains in bfloat16 only if the probe's
+# bfloat16 step takes at most this share of the float32 step's CPU time (the whole training step
+# gains less than the convolution alone: casts, BatchNorm and the float32 update stay).
+PROBE_MAX_RATIO = 0.8
+
+
+class PrecisionWarning(UserWarning):
+    """--mixed_precision was asked for where it would slow training down: float32 instead."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuInfo:
+    """The CPU as /proc/cpuinfo describes it: `model` (its "model name", "" if unknown),
+    `family` / `model_number` (x86 "cpu family" / "model", "" if unknown) and `flags` (x86
+    "flags", or aarch64 "Features"; empty if unknown)."""
+
+    model: str = ""
+    flags: FrozenSet[str] = frozenset()
+    family: str = ""
+    model_number: str = ""
+
+    @property
+    def x86(self) -> bool:
+        return "sse2" in self.flags
+
+    @property
+    def bf16_units(self) -> Optional[bool]:
+        """True: bfloat16 units (BF16_FLAGS); False: an x86 CPU without them; None: unknown (no
+        flags, or not x86)."""
+        if not self.x86:
+            return None
+        return any(flag in self.flags for flag in BF16_FLAGS)
+
+    def describe(self) -> str:
+        """The model and its bfloat16-relevant flags, e.g. "AMD EPYC 7B12 (avx2; no avx512f,
+        avx512_bf16, amx_bf16)"."""
+        shown = ("avx2", "avx512f") + BF16_FLAGS
+        has = [f for f in shown if f in self.flags]
+        lacks = [f for f in shown if f not in self.flags]
+        parts = ", ".join(has) + ("; " if has and lacks else "") + (
+            "no " + ", ".join(lacks) if lacks else "")
+        return f"{self.name()} ({parts if self.flags else 'flags unknown'})"
+
+    def name(self) -> str:
+        """The model name with its x86 family and model, e.g. "AMD EPYC 7B12 (family 23,
+        model 49)" (virtual machines often show a generic name)."""
+        ids = ", ".join(f"{k} {v}" for k, v in (("family", self.family),
+                                                 ("model", self.model_number)) if v)
+        return (self.model or "unknown CPU") + (f" ({ids})" if ids else "")
+
+
+def cpu_info(text: str) -> CpuInfo:
+    """Pure: the text of /proc/cpuinfo -> CpuInfo of its first processor."""
+    fields, found = {}, None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.strip().lower()
+        if key in ("model name", "cpu family", "model"):
+            fields.setdefault(key, " ".join(value.split()))
+        elif key in ("flags", "features") and found is None:
+            found = frozenset(value.split())
+    return CpuInfo(fields.get("model name", ""), found or frozenset(),
+                   fields.get("cpu family", ""), fields.get("model", ""))
+
+
+@functools.lru_cache(maxsize=None)
+def this_cpu() -> CpuInfo:
+    """CpuInfo of this machine (/proc/cpuinfo; elsewhere only the model, flags unknown)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return cpu_info(f.read())
+    except OSError:
+        return CpuInfo(platform.processor())
+
+
+def onednn_enabled() -> bool:
+    """Whether TensorFlow runs its oneDNN CPU kernels (the only ones with fast bfloat16; off
+    with TF_ENABLE_ONEDNN_OPTS=0, and by default on CPUs without AVX-512)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "") not in ("0", "false", "False")
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_probe(seconds: float = 1.0) -> float:
+    """CPU seconds of a bfloat16 convolution training step (forward, input and filter
+    gradients; 16x16x16x64 -> 64, 3x3) over those of the same step in float32, the two
+    alternating for about `seconds` after tracing (process CPU time: a busy machine does not
+    change it). Below 1: bfloat16 is faster on this CPU. Cached: once a process."""
+    x = tf.random.stateless_uniform((16, 16, 16, 64), (1, 2))
+    w = tf.random.stateless_uniform((3, 3, 64, 64), (3, 4))
+
+    def step_of(dtype):
+        @tf.function(autograph=False)
+        def step():
+            xx, ww = tf.cast(x, dtype), tf.cast(w, dtype)
+            with tf.GradientTape() as tape:
+                tape.watch([xx, ww])
+                loss = tf.reduce_sum(tf.cast(tf.nn.conv2d(xx, ww, 1, "SAME"), tf.float32))
+            return tape.gradient(loss, [xx, ww])
+        return step
+
+    steps = {tf.float32: step_of(tf.float32), tf.bfloat16: step_of(tf.bfloat16)}
+    for step in steps.values():
+        step()[0].numpy()  # trace and warm up
+    times = {dtype: [] for dtype in steps}
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times[tf.float32]) < 2:
+        for dtype, step in steps.items():
+            start = time.process_time()
+            step()[0].numpy()
+            times[dtype].append(time.process_time() - start)
+    return statistics.median(times[tf.bfloat16]) / max(statistics.median(times[tf.float32]),
+                                                       1e-9)
+
+
+def decide_precision(mode: str, gpu: bool, cpu: CpuInfo, onednn: bool,
+                     probe: Callable[[], float]) -> Tuple[str, Optional[str]]:
+    """Pure (given `probe`): (the Keras dtype policy, a warning or None) of --mixed_precision=
+    `mode` ("off", "auto", "force"). GPU: mixed_float16. CPU: mixed_bfloat16 where it helps:
+    with bfloat16 units (`CpuInfo.bf16_units`) and oneDNN, without asking the probe; an x86 CPU
+    without them trains in float32 (the probe measures by how much bfloat16 would have been
+    slower, for the warning) unless mode is "force"; an unknown CPU, or oneDNN off, is decided by
+    the probe (bfloat16/float32 CPU time at most PROBE_MAX_RATIO)."""
+    if mode == "off":
+        return "float32", None
+    if gpu:
+        return "mixed_float16", None
+    if mode == "force":
+        return "mixed_bfloat16", None
+    units = cpu.bf16_units
+    if units and onednn:
+        return "mixed_bfloat16", None
+    ratio = probe()
+    if units is not False and ratio <= PROBE_MAX_RATIO:
+        return "mixed_bfloat16", None
+    if units is False:
+        why = (f"this CPU, {cpu.describe()}, has no bfloat16 units "
+               f"({' or '.join(BF16_FLAGS)} in its flags)")
+    elif units:
+        why = (f"TensorFlow's oneDNN kernels are off on this CPU, {cpu.describe()} "
+               "(TF_ENABLE_ONEDNN_OPTS=0?), and its other bfloat16 kernels are slow")
+    else:
+        why = f"bfloat16 does not pay on this CPU, {cpu.describe()}"
+    return "float32", (
+        f"--mixed_precision: {why}: a 1-second probe measured a bfloat16 convolution training "
+        f"step at {ratio:.2f}x the CPU time of float32, so this run trains in float32. "
+        "--mixed_precision=force trains in bfloat16 anyway.")
+
+
+_warned: set = set()
+
+
 def precision_policy(config: RunConfig) -> str:
-    """The Keras dtype policy of --mixed_precision: float16 on a GPU, bfloat16 on a CPU."""
-    if not config.mixed_precision:
+    """The Keras dtype policy of --mixed_precision (`decide_precision` on this machine): float16
+    on a GPU, bfloat16 on a CPU where it helps; a CPU where it would slow training down gets
+    float32 and a PrecisionWarning, once a process."""
+    mode = config.mixed_precision
+    if mode == "off":
         return "float32"
-    return "mixed_float16" if tf.config.list_logical_devices("GPU") else "mixed_bfloat16"
+    gpu = bool(tf.config.list_logical_devices("GPU"))
+    policy, warning = decide_precision(mode, gpu, this_cpu(), onednn_enabled(), bf16_probe)
+    if warning and warning not in _warned:
+        _warned.add(warning)
+        warnings.warn(warning, PrecisionWarning, stacklevel=2)
+    return policy

@@ -126,8 +126,45 @@ flags.DEFINE_boolean("slim_bn_recalibration", D["slim_bn_recalibration"], "Also 
 flags.DEFINE_enum("strategy", D["strategy"], C.STRATEGIES, "mirrored: every GPU (or logical CPU "
                   "device) of this machine; multi_worker: the machines of TF_CONFIG.",
                   module_name=EXECUTION)
-flags.DEFINE_boolean("mixed_precision", D["mixed_precision"], "float16 on GPU, bfloat16 on CPU, float32 master "
-                     "weights.", module_name=EXECUTION)
+
+
+class _MixedPrecisionParser(flags.ArgumentParser):
+    """off|auto|force; true/false (the bare --mixed_precision / --nomixed_precision, older
+    command lines) mean auto/off."""
+
+    ALIASES = {"true": "auto", "1": "auto", "yes": "auto", "on": "auto",
+               "false": "off", "0": "off", "no": "off"}
+    syntactic_help = "|".join(C.MIXED_PRECISION)
+
+    def parse(self, argument):
+        if isinstance(argument, bool):
+            return "auto" if argument else "off"
+        value = str(argument).strip().lower()
+        value = self.ALIASES.get(value, value)
+        if value not in C.MIXED_PRECISION:
+            raise ValueError(f"value should be one of <{self.syntactic_help}>")
+        return value
+
+    def flag_type(self):
+        return "enum"
+
+
+class _MixedPrecisionFlag(flags.Flag):
+    """A flag that is both boolean (--mixed_precision, --nomixed_precision) and an enum
+    (--mixed_precision=force)."""
+
+    def __init__(self, default, help_string):
+        super().__init__(_MixedPrecisionParser(), flags.ArgumentSerializer(), "mixed_precision",
+                         default, help_string, boolean=True)
+
+    def _serialize(self, value):
+        return "" if value is None else f"--{self.name}={value}"
+
+
+flags.DEFINE_flag(_MixedPrecisionFlag(
+    D["mixed_precision"], "auto (the bare --mixed_precision): float16 on GPU, bfloat16 on a CPU "
+    "with bfloat16 units (avx512_bf16/amx_bf16, or a 1-second probe), elsewhere float32 and a "
+    "warning; force: bfloat16 on any CPU; off. Float32 master weights."), module_name=EXECUTION)
 flags.DEFINE_boolean("jit_compile", D["jit_compile"], "XLA-compile the train step (slow on CPU).",
                      module_name=EXECUTION)
 flags.DEFINE_boolean("deterministic", D["deterministic"], "TensorFlow op determinism: bit-identical results "

@@ -246,11 +246,12 @@ def test_folder_dataset_with_three_classes(tmp_path):
 
 @pytest.mark.parametrize("option", ["mixed_precision", "jit_compile"])
 def test_mixed_precision_and_xla_runs(tmp_path, option):
-    """--mixed_precision (bfloat16 on a CPU, float32 variables) and --jit_compile train, evaluate
-    and export; the global dtype policy is left as it was."""
+    """--mixed_precision=force (bfloat16 on any CPU, float32 variables) and --jit_compile train,
+    evaluate and export; the global dtype policy is left as it was."""
     import keras
 
-    cfg = conftest.tiny_config(tmp_path, **{option: True})
+    cfg = conftest.tiny_config(tmp_path, **{option: "force" if option == "mixed_precision"
+                                            else True})
     runner = GenerationRunner(cfg, verbose=False)
     rows = runner.run()
     conv = runner.network.get_layer("conv1")
