@@ -252,7 +252,7 @@ class RunConfig:
       of the TF_CONFIG cluster with `tf.distribute.MultiWorkerMirroredStrategy`
       (`ke_tf.execution`), the global batch split among them.
       mixed_precision: one of MIXED_PRECISION ("off", "auto": float16 on GPU, bfloat16
-      on a CPU with bfloat16 units, "force": bfloat16 on any CPU; True/False mean auto/off),
+      on a CPU where it is faster, "force": bfloat16 on any CPU; True/False mean auto/off),
       float32 master weights.
       jit_compile: XLA-compile the train step.
     """

@@ -9,8 +9,8 @@
   multi_worker only the chief task does).
 - `precision_policy(config)`: the Keras dtype policy the networks are built with
   (--mixed_precision): float32, or mixed_float16 on a GPU / mixed_bfloat16 on a CPU with float32
-  master weights, the CPU's only where it helps (`decide_precision`: bfloat16 units in the CPU
-  flags, or a 1-second probe; a CPU without them trains in float32 with a warning unless
+  master weights, the CPU's only where it helps (`decide_precision`: AMX bfloat16 units in the
+  CPU flags, or a 1-second probe; elsewhere float32 with a warning unless
   --mixed_precision=force).
 
 These never change the numbers a run should reach, so a run may be resumed with other values
@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -192,9 +193,13 @@ def synchronize_batchnorm(config: RunConfig, network: keras.Model) -> None:
                 layer.synchronized = True
 
 
-# x86 CPU flags of bfloat16 arithmetic units: AVX512_BF16 (bfloat16 dot products: AMD Zen 4+,
-# Intel Cooper Lake, Sapphire Rapids+) and AMX-BF16 (tile matrix multiply: Sapphire Rapids+).
+# x86 CPU flags of bfloat16 arithmetic: AVX512_BF16 (bfloat16 dot products in AVX-512 registers:
+# AMD Zen 4+, Intel Cooper Lake, Sapphire Rapids+) and AMX-BF16 (tile matrix multiply units:
+# Intel Sapphire Rapids+). Only AMX made TensorFlow 2.21's bfloat16 training step faster than
+# float32 (1.7x in CPU time); with oneDNN held to AVX512_BF16 (ONEDNN_MAX_CPU_ISA) the same step
+# took 1.36x float32's CPU time, so a CPU with AVX512_BF16 alone is left to the probe.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+AMX_FLAG = "amx_bf16"
 # --mixed_precision without bfloat16 units in the CPU flags trains in bfloat16 only if the probe's
 # bfloat16 step takes at most this share of the float32 step's CPU time (the whole training step
 # gains less than the convolution alone: casts, BatchNorm and the float32 update stay).
@@ -222,11 +227,14 @@ class CpuInfo:
 
     @property
     def bf16_units(self) -> Optional[bool]:
-        """True: bfloat16 units (BF16_FLAGS); False: an x86 CPU without them; None: unknown (no
-        flags, or not x86)."""
+        """True: bfloat16 matrix units (AMX_FLAG); False: an x86 CPU without any bfloat16
+        arithmetic (no BF16_FLAGS); None: unknown, for the probe to decide (AVX512_BF16
+        without AMX, no flags, or not x86)."""
         if not self.x86:
             return None
-        return any(flag in self.flags for flag in BF16_FLAGS)
+        if AMX_FLAG in self.flags:
+            return True
+        return None if any(flag in self.flags for flag in BF16_FLAGS) else False
 
     def describe(self) -> str:
         """The model and its bfloat16-relevant flags, e.g. "AMD EPYC 7B12 (avx2; no avx512f,
@@ -272,6 +280,15 @@ def this_cpu() -> CpuInfo:
         return CpuInfo(platform.processor())
 
 
+def as_onednn_sees_it(cpu: CpuInfo, environ: Mapping[str, str]) -> CpuInfo:
+    """Pure: `cpu` without AMX when ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) holds oneDNN below
+    it (e.g. AVX512_CORE_BF16, AVX2): its flags then promise what oneDNN will not use."""
+    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cap and cap != "ALL" and "AMX" not in cap:
+        return dataclasses.replace(cpu, flags=cpu.flags - {AMX_FLAG})
+    return cpu
+
+
 def onednn_enabled() -> bool:
     """Whether TensorFlow runs its oneDNN CPU kernels (the only ones with fast bfloat16; off
     with TF_ENABLE_ONEDNN_OPTS=0, and by default on CPUs without AVX-512)."""
@@ -287,7 +304,9 @@ def bf16_probe(seconds: float = 1.0) -> float:
     """CPU seconds of a bfloat16 convolution training step (forward, input and filter
     gradients; 16x16x16x64 -> 64, 3x3) over those of the same step in float32, the two
     alternating for about `seconds` after tracing (process CPU time: a busy machine does not
-    change it). Below 1: bfloat16 is faster on this CPU. Cached: once a process."""
+    change it). Below 1: bfloat16 is faster on this CPU; infinity: TensorFlow cannot run the
+    bfloat16 step here (e.g. oneDNN forced on a CPU without AVX-512: no bfloat16 convolution).
+    Cached: once a process."""
     x = tf.random.stateless_uniform((16, 16, 16, 64), (1, 2))
     w = tf.random.stateless_uniform((3, 3, 64, 64), (3, 4))
 
@@ -302,8 +321,11 @@ def bf16_probe(seconds: float = 1.0) -> float:
         return step
 
     steps = {tf.float32: step_of(tf.float32), tf.bfloat16: step_of(tf.bfloat16)}
-    for step in steps.values():
-        step()[0].numpy()  # trace and warm up
+    try:
+        for step in steps.values():
+            step()[0].numpy()  # trace and warm up
+    except (tf.errors.OpError, NotImplementedError):
+        return math.inf
     times = {dtype: [] for dtype in steps}
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(times[tf.float32]) < 2:
@@ -319,10 +341,11 @@ def decide_precision(mode: str, gpu: bool, cpu: CpuInfo, onednn: bool,
                      probe: Callable[[], float]) -> Tuple[str, Optional[str]]:
     """Pure (given `probe`): (the Keras dtype policy, a warning or None) of --mixed_precision=
     `mode` ("off", "auto", "force"). GPU: mixed_float16. CPU: mixed_bfloat16 where it helps:
-    with bfloat16 units (`CpuInfo.bf16_units`) and oneDNN, without asking the probe; an x86 CPU
-    without them trains in float32 (the probe measures by how much bfloat16 would have been
-    slower, for the warning) unless mode is "force"; an unknown CPU, or oneDNN off, is decided by
-    the probe (bfloat16/float32 CPU time at most PROBE_MAX_RATIO)."""
+    with bfloat16 matrix units (`CpuInfo.bf16_units`: AMX) and oneDNN, without asking the probe;
+    an x86 CPU without any bfloat16 arithmetic trains in float32 (the probe measures by how much
+    bfloat16 would have been slower, for the warning) unless mode is "force"; any other CPU
+    (AVX512_BF16 alone, unknown flags) or oneDNN off is decided by the probe (bfloat16/float32
+    CPU time at most PROBE_MAX_RATIO)."""
     if mode == "off":
         return "float32", None
     if gpu:
@@ -341,11 +364,16 @@ def decide_precision(mode: str, gpu: bool, cpu: CpuInfo, onednn: bool,
     elif units:
         why = (f"TensorFlow's oneDNN kernels are off on this CPU, {cpu.describe()} "
                "(TF_ENABLE_ONEDNN_OPTS=0?), and its other bfloat16 kernels are slow")
+    elif "avx512_bf16" in cpu.flags:
+        why = (f"this CPU, {cpu.describe()}, has AVX512_BF16 but no AMX bfloat16 matrix units, "
+               "and bfloat16 does not pay on it")
     else:
         why = f"bfloat16 does not pay on this CPU, {cpu.describe()}"
+    measured = ("TensorFlow could not run a bfloat16 convolution training step here"
+                if math.isinf(ratio) else "a 1-second probe measured a bfloat16 convolution "
+                f"training step at {ratio:.2f}x the CPU time of float32")
     return "float32", (
-        f"--mixed_precision: {why}: a 1-second probe measured a bfloat16 convolution training "
-        f"step at {ratio:.2f}x the CPU time of float32, so this run trains in float32. "
+        f"--mixed_precision: {why}: {measured}, so this run trains in float32. "
         "--mixed_precision=force trains in bfloat16 anyway.")
 
 
@@ -360,7 +388,8 @@ def precision_policy(config: RunConfig) -> str:
     if mode == "off":
         return "float32"
     gpu = bool(tf.config.list_logical_devices("GPU"))
-    policy, warning = decide_precision(mode, gpu, this_cpu(), onednn_enabled(), bf16_probe)
+    cpu = as_onednn_sees_it(this_cpu(), os.environ)
+    policy, warning = decide_precision(mode, gpu, cpu, onednn_enabled(), bf16_probe)
     if warning and warning not in _warned:
         _warned.add(warning)
         warnings.warn(warning, PrecisionWarning, stacklevel=2)

@@ -163,8 +163,9 @@ class _MixedPrecisionFlag(flags.Flag):
 
 flags.DEFINE_flag(_MixedPrecisionFlag(
     D["mixed_precision"], "auto (the bare --mixed_precision): float16 on GPU, bfloat16 on a CPU "
-    "with bfloat16 units (avx512_bf16/amx_bf16, or a 1-second probe), elsewhere float32 and a "
-    "warning; force: bfloat16 on any CPU; off. Float32 master weights."), module_name=EXECUTION)
+    "where it is faster (AMX units, amx_bf16; other CPUs: a 1-second probe), elsewhere float32 "
+    "and a warning; force: bfloat16 on any CPU; off. Float32 master weights."),
+    module_name=EXECUTION)
 flags.DEFINE_boolean("jit_compile", D["jit_compile"], "XLA-compile the train step (slow on CPU).",
                      module_name=EXECUTION)
 flags.DEFINE_boolean("deterministic", D["deterministic"], "TensorFlow op determinism: bit-identical results "
