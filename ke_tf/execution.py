@@ -153,11 +153,12 @@ def check_global_batch(config: RunConfig, replicas: int, workers: int) -> None:
     share = 2 * replicas if config.train.regularizer == "cskd" else replicas
     batch = config.data.batch_size
     if batch % share:
-        how = (f"{replicas} replicas ({workers} workers x {replicas // max(workers, 1)} "
-               f"devices)")
-        what = (f"2 x the {how}, with --regularizer=cskd (each replica's share: its anchors, "
-                "then their partners)" if share != replicas else f"the {how}")
-        raise ConfigError(f"--batch_size must divide by {what} of --strategy=multi_worker: the "
+        what = f"the {replicas} replicas"
+        if share != replicas:
+            what = (f"2 x {what} with --regularizer=cskd (each replica's share: its anchors, "
+                    "then their partners)")
+        raise ConfigError(f"--batch_size must divide by {what} of --strategy=multi_worker "
+                          f"({workers} workers x {replicas // max(workers, 1)} device each): the "
                           f"global batch is split equally among them. Received: "
                           f"batch_size={batch}")
 

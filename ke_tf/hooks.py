@@ -10,6 +10,8 @@ The hooks of a run, in order: `monitor.Monitor` (TensorBoard, progress bars, con
 `results.Tables` (results.csv, hypotheses.csv), `checkpoint.Checkpoints` (checkpoints/),
 `faults.FaultPoints` (the crash tests' named points). That order is what makes a crash at any
 instant resumable: a generation's point is logged, then its rows written, then its checkpoint.
+Under --strategy=multi_worker, `multi_worker.SameOnEveryWorker` comes first on every worker, and
+only the chief has the three hooks that write (Monitor, Tables, Checkpoints).
 """
 from __future__ import annotations
 

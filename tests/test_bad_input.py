@@ -73,6 +73,8 @@ CASES = {
                         "--image_size must be >= 32 for --arch=vgg11_bn with the small stem. "
                         "Received: image_size=16"),
     "unwritable_run_dir": (["--run_dir={tmp}/a_file/run"], "--run_dir is not writable: "),
+    "missing_tf_config": (["--strategy=multi_worker"], "--strategy=multi_worker: the environment "
+                          "variable TF_CONFIG is not set"),
 }
 
 

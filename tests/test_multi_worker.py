@@ -34,7 +34,8 @@ SCRIPT = textwrap.dedent("""
     if sys.argv[3:] == ["two_devices"]:
         import tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration(),
+                                                         tf.config.LogicalDeviceConfiguration()])
     main.FLAGS(["worker"] + json.loads(sys.argv[1]))
     cfg = main.config_from_flags(main.flag_values())
     from ke_tf import execution
@@ -120,10 +121,11 @@ def test_the_global_batch_must_divide_by_the_replicas():
         execution.check_global_batch(cfg, replicas, workers=2)
 
     check(20, 2), check(24, 4), check(20, 2, regularizer="cskd")
-    with pytest.raises(C.ConfigError, match=r"--batch_size must divide by the 2 replicas \(2 "
-                       r"workers x 1 devices\).*Received: batch_size=25"):
+    with pytest.raises(C.ConfigError, match=r"--batch_size must divide by the 2 replicas of "
+                       r"--strategy=multi_worker \(2 workers x 1 device each\).*Received: "
+                       r"batch_size=25"):
         check(25, 2)
-    with pytest.raises(C.ConfigError, match="2 x the 2 replicas .* with --regularizer=cskd"):
+    with pytest.raises(C.ConfigError, match="2 x the 2 replicas with --regularizer=cskd"):
         check(18, 2, regularizer="cskd")
 
 
@@ -220,7 +222,8 @@ def runs(tmp_path_factory):
         assert returncode == 0, stderr[-3000:]
     refs = {"two_devices": ["--strategy=mirrored"], "one_device": ["--strategy=none"]}
     procs = [subprocess.Popen(script(FLAGS + flags + [f"--run_dir={tmp / name}"],
-                                     tmp / f"{name}.npz", *([name] if name == "two_devices" else [])),
+                                     tmp / f"{name}.npz", *([name] if name == "two_devices"
+                                                            else [])),
                               env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, cwd=ROOT) for name, flags in refs.items()]
     ref = finish(procs)
@@ -321,3 +324,26 @@ def test_a_missing_or_bad_tf_config_exits_2_before_any_work(tmp_path):
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "TF_CONFIG" in proc.stderr and "Traceback" not in proc.stderr
         assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_a_batch_the_replicas_cannot_share_exits_2_on_every_worker(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "ke_tf.main", "--strategy=multi_worker",
+               f"--run_dir={run_dir}"] + FLAGS + ["--batch_size=25"]
+    for returncode, _, stderr in finish(start_workers([command, command], free_ports(2))):
+        assert returncode == 2, stderr[-2000:]
+        assert "--batch_size must divide by the 2 replicas" in stderr
+        assert "Traceback" not in stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_benchmark_details_time_two_local_workers_against_one_process():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--quick",
+                           "--details", "--only=multi_worker", "--json"], capture_output=True,
+                          text=True, timeout=2 * TIMEOUT, cwd=ROOT, env=environment())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("two_workers_step_ms", "one_process_step_ms", "two_workers_vs_one_process"):
+        assert isinstance(result[key], float) and 0 < result[key] < float("inf"), key

@@ -31,6 +31,12 @@ What is measured:
     the digits default; 224: tfds-mocked oxford_flowers102 at 224 px, batch 32, ResNet18).
   peak_rss_mb: peak resident memory of a process training ResNet18 at 224 px, batch 32 (the
     same subprocess gives the 224 px model rate).
+  two_workers_step_ms, one_process_step_ms, two_workers_vs_one_process (--details): the digits
+    default's training step (global batch 20) in two local worker processes of
+    --strategy=multi_worker (TF_CONFIG on 127.0.0.1, half the threads each) and in one process
+    (tools/multi_worker_step.py), the two alternating. On one machine the workers share its
+    cores: this measures what the collectives cost (every gradient and BatchNorm statistic
+    all-reduced over loopback gRPC), not a speed-up.
 """
 from __future__ import annotations
 
@@ -62,7 +68,8 @@ FULL = dict(train=dict(arch="resnet18", classes=120, size=64, stem="imagenet", w
             slim=dict(classes=102, size=224, width=1.0, b1_calls=20, b32_calls=2),
             pipeline=dict(digits_batches=80, mock_examples=64, mock_batches=12, mock_size=224,
                           digits_model_steps=12),
-            rss=dict(size=224, batch=32, width=1.0, steps=3))
+            rss=dict(size=224, batch=32, width=1.0, steps=3),
+            multi_worker=dict(batch=20, size=32, width=0.25, warmup=3, steps=10))
 QUICK = dict(train=dict(arch="resnet18", classes=10, size=32, stem="small", width=1 / 8,
                         batch=8, warmup=1, steps=2),
              reinit=dict(arch="resnet18", classes=10, size=32, width=1 / 8),
@@ -70,7 +77,8 @@ QUICK = dict(train=dict(arch="resnet18", classes=10, size=32, stem="small", widt
              slim=dict(classes=10, size=32, width=1 / 8, b1_calls=2, b32_calls=1),
              pipeline=dict(digits_batches=8, mock_examples=8, mock_batches=2, mock_size=32,
                            digits_model_steps=2),
-             rss=dict(size=32, batch=8, width=1 / 8, steps=2))
+             rss=dict(size=32, batch=8, width=1 / 8, steps=2),
+             multi_worker=dict(batch=8, size=16, width=1 / 16, warmup=1, steps=2))
 
 
 def log(*args):
@@ -382,6 +390,69 @@ def bench_rss(s):
 
 
 # ------------------------------------------------------------------------------------------------
+# --strategy=multi_worker on one machine: two local workers vs one process (the collectives' cost).
+
+MULTI_WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                   "multi_worker_step.py")
+
+
+def _free_ports(n):
+    import socket
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _step_children(s, workers, threads):
+    """Wall ms a step of `workers` multi_worker processes on 127.0.0.1 (0: one process without
+    a strategy), each with `threads` threads: the slowest worker's."""
+    cmd = [sys.executable, MULTI_WORKER_SCRIPT] + [f"--{k}={v}" for k, v in s.items()]
+    env = dict(os.environ, TF_NUM_INTRAOP_THREADS=str(threads),
+               TF_NUM_INTEROP_THREADS=str(threads))
+    env.pop("TF_CONFIG", None)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(workers)]}
+    envs = [dict(env, TF_CONFIG=json.dumps({"cluster": cluster,
+                                            "task": {"type": "worker", "index": i}}))
+            for i in range(workers)] or [env]
+    strategy = "--strategy=multi_worker" if workers else "--strategy=none"
+    procs = [subprocess.Popen(cmd + [strategy], env=e, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for e in envs]
+    outs = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=600)
+            if proc.returncode:
+                raise RuntimeError(f"{MULTI_WORKER_SCRIPT} failed ({proc.returncode}): "
+                                   f"{stderr[-2000:]}")
+            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return max(out["step_ms"] for out in outs)
+
+
+def bench_multi_worker(s, pairs, threads=None):
+    """The digits default's step in two local multi_worker processes (half the threads each)
+    and in one process, alternating; medians over `pairs` (the ratio: of per-pair ratios)."""
+    threads = threads or os.cpu_count() or 2
+    two, one = [], []
+    for i in range(pairs):
+        two.append(_step_children(s, 2, max(1, threads // 2)))
+        one.append(_step_children(s, 0, threads))
+        log(f"multi_worker pair {i + 1}/{pairs}: two local workers {two[-1]:.1f} ms a step, "
+            f"one process {one[-1]:.1f} ms (global batch {s['batch']}, {threads} threads)")
+    return {"two_workers_step_ms": median(two), "one_process_step_ms": median(one),
+            "two_workers_vs_one_process": median([a / b for a, b in zip(two, one)])}
+
+
+# ------------------------------------------------------------------------------------------------
 # Where the time goes: the TensorFlow profiler over a few KE training steps.
 
 def profile_train(s, policy, steps=8, top=20):
@@ -443,7 +514,8 @@ def main(argv=None):
     parser.add_argument("--xla", action="store_true",
                         help="also measure the KE step with jit_compile=True (slow on CPU)")
     parser.add_argument("--only", default=None,
-                        help="comma-separated parts: train,reinit,gen2,slim,pipeline (others 0)")
+                        help="comma-separated parts: train,reinit,gen2,slim,pipeline,multi_worker "
+                             "(others 0; multi_worker only with --details)")
     parser.add_argument("--profile", action="store_true",
                         help="print where the KE step's time goes (TF profiler), then exit")
     parser.add_argument("--_rss_child", default=None, help=argparse.SUPPRESS)
@@ -486,6 +558,8 @@ def main(argv=None):
         results["peak_rss_mb"] = rss["peak_rss_mb"]
         results["train_images_per_s_224"] = rss["images_per_s"]
         results.update(bench_pipeline(sizes["pipeline"], pairs, rss["images_per_s"]))
+    if args.details and wanted("multi_worker"):
+        results.update(bench_multi_worker(sizes["multi_worker"], pairs))
     log(f"benchmark took {time.perf_counter() - start:.0f} s")
     bad = [k for k in REQUIRED_KEYS if not math.isfinite(results[k])]
     if bad:
