@@ -162,9 +162,8 @@ class _MixedPrecisionFlag(flags.Flag):
 
 
 flags.DEFINE_flag(_MixedPrecisionFlag(
-    D["mixed_precision"], "auto (the bare --mixed_precision): float16 on GPU, bfloat16 on a CPU "
-    "where it is faster (AMX units, amx_bf16; other CPUs: a 1-second probe), elsewhere float32 "
-    "and a warning; force: bfloat16 on any CPU; off. Float32 master weights."),
+    D["mixed_precision"], "auto (bare flag): fp16 on GPU, bf16 on a CPU where faster, else fp32 "
+    "+ warning; force: bf16 on any CPU; off."),
     module_name=EXECUTION)
 flags.DEFINE_boolean("jit_compile", D["jit_compile"], "XLA-compile the train step (slow on CPU).",
                      module_name=EXECUTION)
