@@ -95,7 +95,8 @@ class Conv2D(keras.layers.Conv2D):
         h, w = int(inputs.shape[1]), int(inputs.shape[2])
         # Plain Slice ops only (their gradient is a Pad; StridedSliceGrad is slow on CPU): a
         # strided patch is a slice of sh*ho x sw*wo (zero-extended at the bottom/right), viewed
-        # as [ho, sh, wo, sw] and sliced at offset 0 of each stride.
+        # as [N*ho, sh, wo, sw*C_in] and sliced at offset 0 of both strides: 4-D throughout, as
+        # TensorFlow Lite's SLICE takes at most 5-D (a 6-D view failed to convert).
         extra_h = max(0, (kh - 1) + sh * ho - (h + 2 * ph))
         extra_w = max(0, (kw - 1) + sw * wo - (w + 2 * pw))
         x = inputs
@@ -106,8 +107,8 @@ class Conv2D(keras.layers.Conv2D):
             for j in range(kw):
                 patch = tf.slice(x, [0, i, j, 0], [-1, sh * ho, sw * wo, -1])
                 if (sh, sw) != (1, 1):
-                    patch = tf.reshape(patch, [-1, ho, sh, wo, sw, c_in])
-                    patch = tf.reshape(tf.slice(patch, [0] * 6, [-1, ho, 1, wo, 1, -1]),
+                    patch = tf.reshape(patch, [-1, sh, wo, sw * c_in])
+                    patch = tf.reshape(tf.slice(patch, [0] * 4, [-1, 1, wo, c_in]),
                                        [-1, ho, wo, c_in])
                 patches.append(patch)
         cols = tf.concat(patches, axis=-1) if len(patches) > 1 else patches[0]
