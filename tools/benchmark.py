@@ -5,17 +5,31 @@
 
 Machines are shared and noisy, so every comparison is measured as a ratio inside one run:
 the two sides alternate (A, B, A, B, ...) and each reported number is the median over `--pairs`
-pairs (ratios are medians of the per-pair ratios). With `--json` the last stdout line is one JSON
-object holding exactly the keys of `REQUIRED_KEYS` (always numbers), plus the torch reference
-(`torch_images_per_s[_bf16]`, `vs_torch_fp32`, `vs_torch_bf16`, `bf16_vs_torch_fp32`) when
-`--torch_python` names a Python with torch, `train_images_per_s_xla` under `--xla`, and the
-intermediate numbers (`plain_images_per_s`, `pipeline_vs_model_digits`, ...) under `--details`.
-Progress and per-pair numbers go to stderr.
+pairs (ratios are medians of the per-pair ratios). Wall-clock ratios collapse when other
+processes take the cores, so the training step is also measured in process CPU seconds per
+image (all threads; `time.process_time`), which a busy machine changes far less: the
+`*_cpu_time` ratios. Both sides run with `--threads` intra-op (and inter-op) threads.
+
+With `--json` the last stdout line is one JSON object holding the keys of `REQUIRED_KEYS`
+(always numbers) and of `META_KEYS` (`cpu`: the model name; `cpu_flags`: {flag: present} for
+`CPU_FLAGS`; `threads`; `onednn`: TensorFlow's oneDNN kernels on; `load_average`: the 1-minute
+load at the start and the end; `bf16_probe`: ke_tf.execution.bf16_probe's bfloat16/float32 CPU
+time; `mixed_precision_auto`: the policy the bare --mixed_precision picks here;
+`torch_wait_policy` with `--torch_python`), plus `train_cpu_ms_per_image[_bf16]`, the torch
+reference (`torch_images_per_s[_bf16]`, `torch_cpu_ms_per_image[_bf16]`, `vs_torch_fp32`,
+`vs_torch_bf16`, `bf16_vs_torch_fp32` and their `_cpu_time` twins) when `--torch_python` names a
+Python with torch, `train_images_per_s_xla` under `--xla`, and the intermediate numbers
+(`plain_images_per_s`, `pipeline_vs_model_digits`, ...) under `--details`. Progress and per-pair
+numbers go to stderr.
 
 What is measured:
   train_images_per_s[_bf16]: KEModel (compiled, driven by Model.fit) training ResNet18 (ImageNet
     stem, 120 classes, 64 px, batch 32, SGD momentum 0.9, wd 1e-4) from one in-memory batch;
-    `_bf16` under the Keras policy "mixed_bfloat16".
+    `_bf16` under the Keras policy "mixed_bfloat16". `train_cpu_ms_per_image[_bf16]`: process CPU
+    milliseconds per image of the same steps. vs_torch_*: KE images/s over torch's
+    (tools/torch_resnet18_step.py: the same network, batch and optimizer in PyTorch, float32 or
+    autocast bfloat16); vs_torch_*_cpu_time: torch's CPU time per image over KE's (above 1: KE
+    needs less CPU per image), both medians of per-pair ratios.
   ke_vs_plain_throughput: that KE step vs plain `keras.Model.fit` of the same network.
   reinit_seconds_resnet50: reinit.reset (KELS s=0.5) + restart_optimizer + schedule restart of a
     ResNet50 (224 px, 1000 classes) with a built optimizer.
@@ -54,11 +68,15 @@ REQUIRED_KEYS = ("train_images_per_s", "train_images_per_s_bf16", "ke_vs_plain_t
                  "reinit_seconds_resnet50", "gen2_first_epoch_vs_steady",
                  "slim_vs_dense_latency_b1", "slim_vs_dense_latency_b32", "pipeline_vs_model",
                  "peak_rss_mb")
-TORCH_SCRIPT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                            "..", "..", "shared", "bench",
-                                            "torch_resnet18_step.py"))
-EXTRA_KEYS = ("torch_images_per_s", "torch_images_per_s_bf16", "vs_torch_fp32", "vs_torch_bf16",
-              "bf16_vs_torch_fp32", "train_images_per_s_xla")
+META_KEYS = ("cpu", "cpu_flags", "threads", "onednn", "load_average", "bf16_probe",
+             "mixed_precision_auto")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+TORCH_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_resnet18_step.py")
+EXTRA_KEYS = ("train_cpu_ms_per_image", "train_cpu_ms_per_image_bf16",
+              "torch_images_per_s", "torch_images_per_s_bf16", "torch_cpu_ms_per_image",
+              "torch_cpu_ms_per_image_bf16", "vs_torch_fp32", "vs_torch_bf16",
+              "bf16_vs_torch_fp32", "vs_torch_fp32_cpu_time", "vs_torch_bf16_cpu_time",
+              "bf16_vs_torch_fp32_cpu_time", "train_images_per_s_xla")
 
 # Sizes of the full benchmark and of --quick (tiny, one pair: a smoke test of every path).
 FULL = dict(train=dict(arch="resnet18", classes=120, size=64, stem="imagenet", width=1.0,
@@ -121,27 +139,44 @@ def _build_trainer(s, kind, policy="float32", jit_compile=False):
     return model
 
 
-def _fit_rate(model, dataset, batch, warmup, steps):
-    """Images/s of `steps` training steps of Model.fit after `warmup` steps (callback clock)."""
+def _fit_rate(model, dataset, batch, warmup, steps, cpu=False):
+    """Images/s of `steps` training steps of Model.fit after `warmup` steps (callback clock);
+    with `cpu`, (images/s, process CPU seconds per image) of the same steps."""
     import keras
     stamps = []
 
     class Clock(keras.callbacks.Callback):
         def on_train_batch_end(self, step, logs=None):
-            stamps.append(time.perf_counter())
+            stamps.append((time.perf_counter(), time.process_time()))
 
     model.fit(dataset, steps_per_epoch=warmup + steps, epochs=1, verbose=0, shuffle=False,
               callbacks=[Clock()])
-    return batch * steps / (stamps[-1] - stamps[warmup - 1])
+    (wall0, cpu0), (wall1, cpu1) = stamps[warmup - 1], stamps[-1]
+    rate = batch * steps / (wall1 - wall0)
+    return (rate, (cpu1 - cpu0) / (batch * steps)) if cpu else rate
 
 
-def _torch_rate(python, bf16, script=TORCH_SCRIPT):
+def _torch_rate(python, bf16, script=TORCH_SCRIPT, threads=None, wait_policy=None):
+    """(images/s, CPU seconds per image or None) of the torch reference in a fresh process.
+    The script prints a JSON line (tools/torch_resnet18_step.py) or a bare images/s (an older
+    script: no CPU time). `wait_policy`: OMP_WAIT_POLICY of its OpenMP threads (None: the
+    environment's)."""
     cmd = [python, script] + (["--bf16"] if bf16 else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    if threads:
+        cmd.append(f"--threads={threads}")  # (an older script ignores it)
+    env = dict(os.environ, **({"OMP_WAIT_POLICY": wait_policy} if wait_policy else {}))
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}): {out.stderr[-2000:]}")
+    last = out.stdout.strip().splitlines()[-1]
+    if last.startswith("{"):
+        result = json.loads(last)
+        return float(result["images_per_s"]), float(result["cpu_seconds_per_image"])
+    return float(last), None
 
 
-def bench_train(s, pairs, torch_python=None, xla=False, torch_script=TORCH_SCRIPT):
+def bench_train(s, pairs, torch_python=None, xla=False, torch_script=TORCH_SCRIPT, threads=None,
+                torch_wait_policy=None):
     import tensorflow as tf
     x, y = _train_batch(s["size"], s["batch"], s["classes"])
     dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
@@ -152,26 +187,41 @@ def bench_train(s, pairs, torch_python=None, xla=False, torch_script=TORCH_SCRIP
     for model in models.values():  # trace and warm up once, outside the timed pairs
         _fit_rate(model, dataset, s["batch"], 1, 1)
     rates = {name: [] for name in models}
+    cpu = {name: [] for name in models}  # process CPU seconds per image
     if torch_python:
         rates.update(torch=[], torch_bf16=[])
+        cpu.update(torch=[], torch_bf16=[])
     for pair in range(pairs):
         for name, model in models.items():
-            rates[name].append(_fit_rate(model, dataset, s["batch"], s["warmup"], s["steps"]))
+            rate, seconds = _fit_rate(model, dataset, s["batch"], s["warmup"], s["steps"],
+                                      cpu=True)
+            rates[name].append(rate)
+            cpu[name].append(seconds)
         if torch_python:
-            rates["torch"].append(_torch_rate(torch_python, False, torch_script))
-            rates["torch_bf16"].append(_torch_rate(torch_python, True, torch_script))
+            for name, bf16 in (("torch", False), ("torch_bf16", True)):
+                rate, seconds = _torch_rate(torch_python, bf16, torch_script, threads,
+                                            torch_wait_policy)
+                rates[name].append(rate)
+                cpu[name].append(seconds)
         log(f"train pair {pair + 1}/{pairs}: " + ", ".join(
-            f"{k} {v[-1]:.1f}" for k, v in rates.items()) + " images/s")
+            f"{k} {v[-1]:.1f}" for k, v in rates.items()) + " images/s; CPU ms/image " +
+            ", ".join(f"{k} {1e3 * v[-1]:.2f}" for k, v in cpu.items() if v[-1] is not None))
 
     def ratio(a, b):
         return median([p / q for p, q in zip(rates[a], rates[b])])
 
+    def cpu_ratio(a, b):  # b's CPU time per image over a's: above 1, a needs less CPU
+        return median([q / p for p, q in zip(cpu[a], cpu[b])])
+
     out = {"train_images_per_s": median(rates["ke"]),
            "train_images_per_s_bf16": median(rates["ke_bf16"]),
+           "train_cpu_ms_per_image": 1e3 * median(cpu["ke"]),
+           "train_cpu_ms_per_image_bf16": 1e3 * median(cpu["ke_bf16"]),
            "plain_images_per_s": median(rates["plain"]),
-           "ke_vs_plain_throughput": ratio("ke", "plain")}
-    # Contention only ever slows a side down: the best block of each side is the least
-    # disturbed estimate of the unshared machine (--details keys `best_*`).
+           "ke_vs_plain_throughput": ratio("ke", "plain"),
+           "ke_vs_plain_cpu_time": cpu_ratio("ke", "plain")}
+    # The best block of each side (--details keys `best_*`): contention only ever slows a
+    # side down, so these bound the unshared machine's figures (the README quotes medians).
     out.update({f"best_{name}_images_per_s": max(values) for name, values in rates.items()})
     if xla:
         out["train_images_per_s_xla"] = median(rates["ke_xla"])
@@ -180,6 +230,12 @@ def bench_train(s, pairs, torch_python=None, xla=False, torch_script=TORCH_SCRIP
                    torch_images_per_s_bf16=median(rates["torch_bf16"]),
                    vs_torch_fp32=ratio("ke", "torch"), vs_torch_bf16=ratio("ke_bf16", "torch_bf16"),
                    bf16_vs_torch_fp32=ratio("ke_bf16", "torch"))
+        if None not in cpu["torch"] + cpu["torch_bf16"]:
+            out.update(torch_cpu_ms_per_image=1e3 * median(cpu["torch"]),
+                       torch_cpu_ms_per_image_bf16=1e3 * median(cpu["torch_bf16"]),
+                       vs_torch_fp32_cpu_time=cpu_ratio("ke", "torch"),
+                       vs_torch_bf16_cpu_time=cpu_ratio("ke_bf16", "torch_bf16"),
+                       bf16_vs_torch_fp32_cpu_time=cpu_ratio("ke_bf16", "torch"))
     return out
 
 
@@ -518,6 +574,13 @@ def main(argv=None):
                              "(others 0; multi_worker only with --details)")
     parser.add_argument("--profile", action="store_true",
                         help="print where the KE step's time goes (TF profiler), then exit")
+    parser.add_argument("--torch_wait_policy", default="PASSIVE", choices=("PASSIVE", "ACTIVE"),
+                        help="OMP_WAIT_POLICY of the torch reference: PASSIVE (default) idle "
+                             "OpenMP threads sleep; ACTIVE they spin, which a busy machine "
+                             "turns into CPU time and collapsed wall time")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="intra-op and inter-op threads of TensorFlow and of the torch "
+                             "reference (default: the CPUs, %(default)s)")
     parser.add_argument("--_rss_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._rss_child:
@@ -527,24 +590,36 @@ def main(argv=None):
     pairs = args.pairs if args.pairs is not None else (1 if args.quick else 5)
     if pairs < 1:
         parser.error(f"--pairs must be >= 1. Received: --pairs={pairs}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1. Received: --threads={args.threads}")
     sizes = QUICK if args.quick else FULL
     only = set(args.only.split(",")) if args.only else None
 
     def wanted(part):
         return only is None or part in only
 
-    import tensorflow as tf  # noqa: F401  (after argument errors, which should be quick)
+    import tensorflow as tf  # after argument errors, which should be quick
+    # before TensorFlow's runtime starts; the torch reference gets the same counts
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     if args.profile:
         for policy in ("float32", "mixed_bfloat16"):
             profile_train(sizes["train"], policy)
         return 0
-    log(f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '(default)')}, "
-        f"pairs={pairs}, quick={args.quick}")
+    meta = machine()
+    meta.update(threads=args.threads, load_average=[os.getloadavg()[0]])
+    if args.torch_python:
+        meta["torch_wait_policy"] = args.torch_wait_policy
+    log(f"CPU {meta['cpu']}, flags {meta['cpu_flags']}, oneDNN {meta['onednn']} "
+        f"(TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '(default)')}), "
+        f"bf16 probe {meta['bf16_probe']}: --mixed_precision -> {meta['mixed_precision_auto']}, "
+        f"{args.threads} threads, load {meta['load_average'][0]:.2f}, pairs={pairs}, "
+        f"quick={args.quick}")
     results = dict.fromkeys(REQUIRED_KEYS, 0.0)
     start = time.perf_counter()
     if wanted("train"):
         results.update(bench_train(sizes["train"], pairs, args.torch_python, args.xla,
-                                   args.torch_script))
+                                   args.torch_script, args.threads, args.torch_wait_policy))
     if wanted("reinit"):
         results.update(bench_reinit(sizes["reinit"], pairs))
     if wanted("gen2"):
@@ -559,19 +634,42 @@ def main(argv=None):
         results["train_images_per_s_224"] = rss["images_per_s"]
         results.update(bench_pipeline(sizes["pipeline"], pairs, rss["images_per_s"]))
     if args.details and wanted("multi_worker"):
-        results.update(bench_multi_worker(sizes["multi_worker"], pairs))
-    log(f"benchmark took {time.perf_counter() - start:.0f} s")
+        results.update(bench_multi_worker(sizes["multi_worker"], pairs, args.threads))
+    meta["load_average"].append(os.getloadavg()[0])
+    log(f"benchmark took {time.perf_counter() - start:.0f} s, load average "
+        f"{meta['load_average'][0]:.2f} -> {meta['load_average'][1]:.2f}")
     bad = [k for k in REQUIRED_KEYS if not math.isfinite(results[k])]
     if bad:
         raise RuntimeError(f"non-finite results: {bad}")
     if args.json:
         keep = set(REQUIRED_KEYS) | set(EXTRA_KEYS)
-        print(json.dumps({k: v for k, v in results.items() if args.details or k in keep}))
+        print(json.dumps({**{k: v for k, v in results.items() if args.details or k in keep},
+                          **meta}))
     else:
-        width = max(map(len, results))
+        width = max(map(len, list(results) + list(meta)))
         for key, value in results.items():
             print(f"{key:<{width}}  {value:.4g}")
+        for key, value in meta.items():
+            print(f"{key:<{width}}  {value}")
     return 0
+
+
+def machine():
+    """The META_KEYS that describe this machine's CPU: `cpu` (model name, family, model),
+    `cpu_flags` ({flag: present} for CPU_FLAGS), `onednn`, `bf16_probe` and
+    `mixed_precision_auto` (`execution.precision_policy` of the bare --mixed_precision)."""
+    import warnings
+
+    from ke_tf import config, execution
+
+    cpu, probe = execution.this_cpu(), execution.bf16_probe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", execution.PrecisionWarning)
+        policy = execution.precision_policy(config.RunConfig(mixed_precision="auto"))
+    return {"cpu": cpu.name(), "cpu_flags": {f: f in cpu.flags for f in CPU_FLAGS},
+            "onednn": execution.onednn_enabled(),
+            "bf16_probe": probe if math.isfinite(probe) else None,  # None: bfloat16 fails here
+            "mixed_precision_auto": policy}
 
 
 if __name__ == "__main__":
