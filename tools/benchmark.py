@@ -1,6 +1,6 @@
 """Performance benchmark of ke_tf on this machine's CPU (README, Performance).
 
-    python tools/benchmark.py --json [--pairs 5] [--torch_python=/tmp/torchvenv/bin/python] [--xla]
+    python tools/benchmark.py --json [--pairs 5] [--torch_python=../torchvenv/bin/python] [--xla]
     python tools/benchmark.py --quick --json          # tiny sizes, one pair: a smoke test
 
 Machines are shared and noisy, so every comparison is measured as a ratio inside one run:

@@ -3,7 +3,7 @@ ImageNet stem, 120 classes) training step on this CPU from an in-memory batch, S
 wd 1e-4, 64 px, batch 32, channels_last; `--bf16` runs it under torch.autocast("cpu",
 bfloat16), PyTorch's own mixed precision.
 
-    /tmp/torchvenv/bin/python tools/torch_resnet18_step.py [--bf16] [--threads 2]
+    ../torchvenv/bin/python tools/torch_resnet18_step.py [--bf16] [--threads 2]
 
 Prints one JSON line: {"images_per_s", "cpu_seconds_per_image", "threads", "interop_threads"}:
 the medians over 3 timed blocks of 8 steps (after 3 warm-up steps) of wall-clock images/s and
