@@ -9,7 +9,8 @@ pipelines), ``losses``, ``metrics``, ``tasks`` (classification vs metric learnin
 from scratch), ``generations`` (the KE loop), ``evolution`` (``ke_tf.evolve``: KE for your own model and data), ``state`` (where a run stands), ``hooks`` (the
 side work's interface), ``results`` (the CSV tables), ``checkpoint`` (resume and export),
 ``repr_filters`` (RePr's filter ranking and orthogonal re-init, for the RePr baseline),
-``execution`` (strategy and precision of a run), ``multi_worker`` (training under
+``execution`` (strategy and precision of a run), ``cpu`` (the CPU and its
+TensorFlow kernels), ``multi_worker`` (training under
 MultiWorkerMirroredStrategy without Keras's ``fit``), ``monitor``, ``export``, ``faults`` (fault
 injection), ``atomic`` (atomic outputs), ``cli``
 (exit statuses) and ``main`` (the command line).

@@ -23,16 +23,16 @@ import functools
 import json
 import math
 import os
-import platform
 import statistics
 import time
 import warnings
-from typing import Callable, Dict, FrozenSet, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import keras
 import tensorflow as tf
 
 from ke_tf.config import ConfigError, RunConfig
+from ke_tf.cpu import BF16_FLAGS, CpuInfo, as_onednn_sees_it, this_cpu
 
 
 def strategy(config: RunConfig) -> tf.distribute.Strategy:
@@ -194,13 +194,6 @@ def synchronize_batchnorm(config: RunConfig, network: keras.Model) -> None:
                 layer.synchronized = True
 
 
-# x86 CPU flags of bfloat16 arithmetic: AVX512_BF16 (bfloat16 dot products in AVX-512 registers:
-# AMD Zen 4+, Intel Cooper Lake, Sapphire Rapids+) and AMX-BF16 (tile matrix multiply units:
-# Intel Sapphire Rapids+). Only AMX made TensorFlow 2.21's bfloat16 training step faster than
-# float32 (1.7x in CPU time); with oneDNN held to AVX512_BF16 (ONEDNN_MAX_CPU_ISA) the same step
-# took 1.36x float32's CPU time, so a CPU with AVX512_BF16 alone is left to the probe.
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-AMX_FLAG = "amx_bf16"
 # --mixed_precision without bfloat16 units in the CPU flags trains in bfloat16 only if the probe's
 # bfloat16 step takes at most this share of the float32 step's CPU time (the whole training step
 # gains less than the convolution alone: casts, BatchNorm and the float32 update stay).
@@ -211,88 +204,10 @@ class PrecisionWarning(UserWarning):
     """--mixed_precision was asked for where it would slow training down: float32 instead."""
 
 
-@dataclasses.dataclass(frozen=True)
-class CpuInfo:
-    """The CPU as /proc/cpuinfo describes it: `model` (its "model name", "" if unknown),
-    `family` / `model_number` (x86 "cpu family" / "model", "" if unknown) and `flags` (x86
-    "flags", or aarch64 "Features"; empty if unknown)."""
-
-    model: str = ""
-    flags: FrozenSet[str] = frozenset()
-    family: str = ""
-    model_number: str = ""
-
-    @property
-    def x86(self) -> bool:
-        return "sse2" in self.flags
-
-    @property
-    def bf16_units(self) -> Optional[bool]:
-        """True: bfloat16 matrix units (AMX_FLAG); False: an x86 CPU without any bfloat16
-        arithmetic (no BF16_FLAGS); None: unknown, for the probe to decide (AVX512_BF16
-        without AMX, no flags, or not x86)."""
-        if not self.x86:
-            return None
-        if AMX_FLAG in self.flags:
-            return True
-        return None if any(flag in self.flags for flag in BF16_FLAGS) else False
-
-    def describe(self) -> str:
-        """The model and its bfloat16-relevant flags, e.g. "AMD EPYC 7B12 (avx2; no avx512f,
-        avx512_bf16, amx_bf16)"."""
-        shown = ("avx2", "avx512f") + BF16_FLAGS
-        has = [f for f in shown if f in self.flags]
-        lacks = [f for f in shown if f not in self.flags]
-        parts = ", ".join(has) + ("; " if has and lacks else "") + (
-            "no " + ", ".join(lacks) if lacks else "")
-        return f"{self.name()} ({parts if self.flags else 'flags unknown'})"
-
-    def name(self) -> str:
-        """The model name with its x86 family and model, e.g. "AMD EPYC 7B12 (family 23,
-        model 49)" (virtual machines often show a generic name)."""
-        ids = ", ".join(f"{k} {v}" for k, v in (("family", self.family),
-                                                 ("model", self.model_number)) if v)
-        return (self.model or "unknown CPU") + (f" ({ids})" if ids else "")
-
-
-def cpu_info(text: str) -> CpuInfo:
-    """Pure: the text of /proc/cpuinfo -> CpuInfo of its first processor."""
-    fields, found = {}, None
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            continue
-        key = key.strip().lower()
-        if key in ("model name", "cpu family", "model"):
-            fields.setdefault(key, " ".join(value.split()))
-        elif key in ("flags", "features") and found is None:
-            found = frozenset(value.split())
-    return CpuInfo(fields.get("model name", ""), found or frozenset(),
-                   fields.get("cpu family", ""), fields.get("model", ""))
-
-
-@functools.lru_cache(maxsize=None)
-def this_cpu() -> CpuInfo:
-    """CpuInfo of this machine (/proc/cpuinfo; elsewhere only the model, flags unknown)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return cpu_info(f.read())
-    except OSError:
-        return CpuInfo(platform.processor())
-
-
-def as_onednn_sees_it(cpu: CpuInfo, environ: Mapping[str, str]) -> CpuInfo:
-    """Pure: `cpu` without AMX when ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA) holds oneDNN below
-    it (e.g. AVX512_CORE_BF16, AVX2): its flags then promise what oneDNN will not use."""
-    cap = (environ.get("ONEDNN_MAX_CPU_ISA") or environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    if cap and cap != "ALL" and "AMX" not in cap:
-        return dataclasses.replace(cpu, flags=cpu.flags - {AMX_FLAG})
-    return cpu
-
-
 def onednn_enabled() -> bool:
     """Whether TensorFlow runs its oneDNN CPU kernels (the only ones with fast bfloat16; off
-    with TF_ENABLE_ONEDNN_OPTS=0, and by default on CPUs without AVX-512)."""
+    with TF_ENABLE_ONEDNN_OPTS=0, and by default on CPUs without AVX-512, where ke_tf's command
+    line turns them on: `ke_tf.cpu.onednn_default`)."""
     try:
         from tensorflow.python.util import _pywrap_util_port
         return bool(_pywrap_util_port.IsMklEnabled())
@@ -306,8 +221,9 @@ def bf16_probe(seconds: float = 1.0) -> float:
     gradients; 16x16x16x64 -> 64, 3x3) over those of the same step in float32, the two
     alternating for about `seconds` after tracing (process CPU time: a busy machine does not
     change it). Below 1: bfloat16 is faster on this CPU; infinity: TensorFlow cannot run the
-    bfloat16 step here (e.g. oneDNN forced on a CPU without AVX-512: no bfloat16 convolution).
-    Cached: once a process."""
+    bfloat16 step here (a build without bfloat16 convolution kernels; with oneDNN on a CPU
+    without AVX-512 TensorFlow falls back to its Eigen kernels, which run it, 25x slower on an
+    AMD EPYC with AVX2). Cached: once a process."""
     x = tf.random.stateless_uniform((16, 16, 16, 64), (1, 2))
     w = tf.random.stateless_uniform((3, 3, 64, 64), (3, 4))
 

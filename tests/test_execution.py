@@ -2,13 +2,17 @@
 (a pure function of the mode, the device, the CPU flags, oneDNN and a probe), the warning, the
 flag's spellings and old config.json values. No timing asserts: speed lives in the benchmark."""
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
 
 import conftest
-from ke_tf import config as C, execution
-from ke_tf.execution import CpuInfo, cpu_info, decide_precision
+from ke_tf import config as C, cpu, execution
+from ke_tf.cpu import CpuInfo, cpu_info
+from ke_tf.execution import decide_precision
 
 # First processor blocks of /proc/cpuinfo (flags abridged to what matters, plus neighbours).
 INTEL_AMX = """processor\t: 0
@@ -134,13 +138,13 @@ def test_force_trains_bfloat16_on_any_cpu_without_a_probe_or_warning():
 
 @pytest.mark.parametrize("ratio, expected", [(0.5, "mixed_bfloat16"), (8.9, "float32")])
 def test_units_with_onednn_off_and_unknown_cpus_ask_the_probe(ratio, expected):
-    for cpu in (cpu_info(INTEL_AMX), cpu_info(GRAVITON3), CpuInfo()):
-        onednn = not cpu.bf16_units  # units: oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)
+    for machine in (cpu_info(INTEL_AMX), cpu_info(GRAVITON3), CpuInfo()):
+        onednn = not machine.bf16_units  # units: oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)
         probe = Probe(ratio)
-        policy, warning = decide_precision("auto", False, cpu, onednn, probe)
+        policy, warning = decide_precision("auto", False, machine, onednn, probe)
         assert probe.calls == 1 and policy == expected
         assert (warning is None) == (expected == "mixed_bfloat16")
-        if cpu.bf16_units and warning:
+        if machine.bf16_units and warning:
             assert "oneDNN" in warning
     # the threshold: bfloat16 must be clearly faster than float32 in the probe
     assert decide_precision("auto", False, CpuInfo(), True, Probe(0.95))[0] == "float32"
@@ -149,11 +153,47 @@ def test_units_with_onednn_off_and_unknown_cpus_ask_the_probe(ratio, expected):
 def test_an_isa_cap_below_amx_leaves_the_decision_to_the_probe():
     amx = cpu_info(INTEL_AMX)
     for cap in ("AVX512_CORE_BF16", "avx2", "AVX512_CORE"):
-        capped = execution.as_onednn_sees_it(amx, {"ONEDNN_MAX_CPU_ISA": cap})
+        capped = cpu.as_onednn_sees_it(amx, {"ONEDNN_MAX_CPU_ISA": cap})
         assert capped.bf16_units is None and "amx_bf16" not in capped.flags
-    assert execution.as_onednn_sees_it(amx, {"DNNL_MAX_CPU_ISA": "AVX2"}).bf16_units is None
+    assert cpu.as_onednn_sees_it(amx, {"DNNL_MAX_CPU_ISA": "AVX2"}).bf16_units is None
     for environ in ({}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, {"ONEDNN_MAX_CPU_ISA": "ALL"}):
-        assert execution.as_onednn_sees_it(amx, environ) == amx
+        assert cpu.as_onednn_sees_it(amx, environ) == amx
+
+
+def test_onednn_is_turned_on_for_avx2_cpus_without_avx512_unless_the_user_chose():
+    assert cpu.onednn_default(cpu_info(AMD_ZEN2), {}) == "1"  # AVX2, no AVX-512: TF leaves it off
+    for user in ("0", "1", ""):  # the user's value, whatever it is, wins
+        assert cpu.onednn_default(cpu_info(AMD_ZEN2), {"TF_ENABLE_ONEDNN_OPTS": user}) is None
+    for text in (INTEL_AMX, SKYLAKE, AMD_ZEN4):  # AVX-512: TensorFlow's own default (on)
+        assert cpu.onednn_default(cpu_info(text), {}) is None
+    assert cpu.onednn_default(cpu_info(GRAVITON3), {}) is None  # not x86
+    assert cpu.onednn_default(CpuInfo(), {}) is None  # flags unknown
+    assert cpu.onednn_default(CpuInfo(flags=frozenset({"sse2", "avx"})), {}) is None  # no AVX2
+    environ = {}
+    cpu.enable_onednn_where_faster(environ)
+    assert environ == ({"TF_ENABLE_ONEDNN_OPTS": "1"}
+                       if cpu.onednn_default(cpu.this_cpu(), {}) else {})
+    environ = {"TF_ENABLE_ONEDNN_OPTS": "0"}
+    cpu.enable_onednn_where_faster(environ)
+    assert environ == {"TF_ENABLE_ONEDNN_OPTS": "0"}
+
+
+@pytest.mark.slow
+def test_the_command_line_decides_onednn_before_tensorflow_starts():
+    """`import ke_tf.cli` (every entry point's first import) sets TF_ENABLE_ONEDNN_OPTS before
+    TensorFlow reads it: TensorFlow then runs oneDNN exactly when this CPU should."""
+    probe = ("import os, ke_tf.cli; from ke_tf import execution; "
+             "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), execution.onednn_enabled())")
+    expected = cpu.onednn_default(cpu.this_cpu(), {})
+    for user, want in ((None, expected), ("0", "0")):
+        env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+        if user is not None:
+            env["TF_ENABLE_ONEDNN_OPTS"] = user
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                             text=True, check=True, timeout=300).stdout.split()
+        assert out[0] == str(want)
+        if want is not None:  # on AVX-512 CPUs TensorFlow's own default (on) stays
+            assert out[1] == str(want == "1")
 
 
 def test_precision_policy_warns_once_a_process(monkeypatch):

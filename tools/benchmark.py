@@ -598,6 +598,11 @@ def main(argv=None):
     def wanted(part):
         return only is None or part in only
 
+    # the kernels ke_tf's command line trains with (oneDNN on AVX2 CPUs, unless
+    # TF_ENABLE_ONEDNN_OPTS is set), chosen before TensorFlow starts; children inherit it
+    from ke_tf.cpu import enable_onednn_where_faster
+
+    enable_onednn_where_faster()
     import tensorflow as tf  # after argument errors, which should be quick
     # before TensorFlow's runtime starts; the torch reference gets the same counts
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
