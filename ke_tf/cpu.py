@@ -108,15 +108,13 @@ def as_onednn_sees_it(cpu: CpuInfo, environ: Mapping[str, str]) -> CpuInfo:
     return cpu
 
 
-
-
 def onednn_default(cpu: CpuInfo, environ: Mapping[str, str]) -> Optional[str]:
     """Pure: the TF_ENABLE_ONEDNN_OPTS value the command line sets for `cpu`, or None to leave
     TensorFlow's own default. "1" on an x86 CPU with AVX2 and without AVX-512, where TensorFlow
     2.21 leaves oneDNN off although it trains faster there: on an AMD EPYC (family 23, model 49;
     AVX2, 2 vCPUs) ke_tf's ResNet18 step (64 px, batch 32) took 12.6-13.1 CPU ms/image with
-    oneDNN against 20.7 with TensorFlow's Eigen kernels, and the digits default run 35 s against
-    46 s wall. None when the user set the variable (their choice wins, "0" included), on CPUs
+    oneDNN against 20.7 with TensorFlow's Eigen kernels, and the digits default run 42 s against
+    50 s wall. None when the user set the variable (their choice wins, "0" included), on CPUs
     with AVX-512 (TensorFlow already turns oneDNN on there) and on other or unknown CPUs."""
     if ONEDNN_ENV in environ or not cpu.x86:
         return None

@@ -222,8 +222,8 @@ def bf16_probe(seconds: float = 1.0) -> float:
     alternating for about `seconds` after tracing (process CPU time: a busy machine does not
     change it). Below 1: bfloat16 is faster on this CPU; infinity: TensorFlow cannot run the
     bfloat16 step here (a build without bfloat16 convolution kernels; with oneDNN on a CPU
-    without AVX-512 TensorFlow falls back to its Eigen kernels, which run it, 25x slower on an
-    AMD EPYC with AVX2). Cached: once a process."""
+    without AVX-512 TensorFlow falls back to its Eigen kernels, which run it, 18-25x slower on
+    an AMD EPYC with AVX2). Cached: once a process."""
     x = tf.random.stateless_uniform((16, 16, 16, 64), (1, 2))
     w = tf.random.stateless_uniform((3, 3, 64, 64), (3, 4))
 
