@@ -34,6 +34,7 @@ from typing import Callable, Dict, List
 import keras
 import numpy as np
 
+from ke_tf import internals
 from ke_tf.config import ConfigError
 
 L = keras.layers
@@ -79,8 +80,6 @@ def functional(model) -> keras.Model:
     re-initialization walk: a functional `keras.Model` as it is, a `keras.Sequential` that
     starts with a `keras.Input` as the functional model of its layers (the same layers and
     weights); anything else raises ConfigError saying what is needed."""
-    from keras.src.models.functional import Functional  # no public name for the class
-
     if isinstance(model, keras.Sequential):
         try:
             inputs, outputs = model.inputs, model.outputs
@@ -89,7 +88,7 @@ def functional(model) -> keras.Model:
                               "it with keras.Input(shape) so that its graph exists") from err
         one = lambda tensors: tensors[0] if len(tensors) == 1 else tensors  # noqa: E731
         return keras.Model(one(inputs), one(outputs), name=model.name)
-    if not isinstance(model, Functional):
+    if not internals.is_functional(model):
         raise ConfigError(f"{type(model).__name__} is not a functional keras.Model (a subclassed "
                           "model has no graph to split into fit and reset hypotheses, sec. 3.2): "
                           "build it as keras.Model(inputs, outputs) or as a keras.Sequential "
@@ -108,10 +107,10 @@ def layers_in_order(model: keras.Model) -> List[keras.layers.Layer]:
             raise UnsupportedLayerError(
                 f"Layer '{op.name}' ({type(op).__name__}) is a nested model; build the "
                 f"network as one flat functional graph. Received: layer={op.name}")
-        if len(op._inbound_nodes) > 1:  # noqa: SLF001 - Keras has no public node count
+        if internals.call_count(op) > 1:
             raise UnsupportedLayerError(
                 f"Layer '{op.name}' ({type(op).__name__}) is shared (called "
-                f"{len(op._inbound_nodes)} times); shared layers are not supported. "
+                f"{internals.call_count(op)} times); shared layers are not supported. "
                 f"Received: layer={op.name}")
     return list(model.operations)
 
@@ -133,7 +132,7 @@ def output_layers(model: keras.Model) -> List[str]:
     Reshape head are both found."""
     names = []
     for out in model.outputs:
-        layer = out._keras_history.operation  # noqa: SLF001 - the producing layer of a tensor
+        layer = internals.producer(out)
         while not isinstance(layer, MIXING + DEPTHWISE):
             ins = _inputs(layer) if not isinstance(layer, L.InputLayer) else []
             if len(ins) != 1 or layer.weights:
@@ -141,7 +140,7 @@ def output_layers(model: keras.Model) -> List[str]:
                     f"Cannot find the output layer of the model: '{layer.name}' "
                     f"({type(layer).__name__}) stands between it and the output. "
                     f"Received: layer={layer.name}")
-            layer = ins[0]._keras_history.operation  # noqa: SLF001
+            layer = internals.producer(ins[0])
         names.append(layer.name)
     return names
 
