@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
-
-from ke_tf import methods  # the registry only: no TensorFlow until a method is used
+from typing import Dict, Optional
 
 
 class ConfigError(ValueError):
@@ -126,8 +124,9 @@ class ModelConfig:
 SPLIT_MODES = ("kels", "wels")
 RESET_INITS = ("layer", "torch_default")
 EVOLVE_MODES = ("rand", "zero")
-METHODS = methods.NAMES  # each method's own rules: its `validate` (ke_tf/methods/)
-DNR_THRESHOLDS = ("global", "layer")
+# The --method values: `ke_tf.methods.REGISTRY` maps each to its class (a test checks they are
+# the same names); each method's own settings and rules live in its file (ke_tf/methods/).
+METHODS = ("ke", "long", "slim_scratch", "llf", "dsd", "dnr", "repr", "bans", "dsd_only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +136,7 @@ class SplitConfig:
     U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as the official PyTorch code. wels_rand: a new WELS mask
     every generation (appendix D(1)). evolve_mode="zero": reset to zero instead of random (the
     paper warns it is inferior); fix_reset_seed: the same random reset values in every generation
-    (LLF's ablation). reset_from: the first layer (name prefix) that --method=llf resets."""
+    (LLF's ablation)."""
 
     split_mode: str = "kels"
     split_rate: float = 0.8
@@ -145,7 +144,6 @@ class SplitConfig:
     wels_rand: bool = False
     evolve_mode: str = "rand"
     fix_reset_seed: bool = False
-    reset_from: str = "layer4"
 
     def validate(self) -> "SplitConfig":
         _require(self.split_mode in SPLIT_MODES, "split_mode",
@@ -159,7 +157,6 @@ class SplitConfig:
                  f"must be one of {', '.join(RESET_INITS)}", self.reset_init)
         _require(self.evolve_mode in EVOLVE_MODES, "evolve_mode",
                  f"must be one of {', '.join(EVOLVE_MODES)}", self.evolve_mode)
-        _require(bool(self.reset_from), "reset_from", "must name a layer prefix", self.reset_from)
         return self
 
 
@@ -167,7 +164,7 @@ REGULARIZERS = ("none", "smooth", "cskd")
 LOSSES = ("ce", "adacos")
 STRATEGIES = ("none", "mirrored", "multi_worker")
 # --mixed_precision: off; auto (the bare flag: float16 on a GPU, bfloat16 on a CPU where it
-# helps, float32 elsewhere with a warning: `execution.decide_precision`); force (bfloat16 on any
+# helps, float32 elsewhere with a warning: `precision.decide_precision`); force (bfloat16 on any
 # CPU). Old config.json files hold true/false: auto/off.
 MIXED_PRECISION = ("off", "auto", "force")
 
@@ -190,16 +187,8 @@ class TrainConfig:
     triplet_margin: float = 0.2
     cskd_temperature: float = 4.0
     cskd_lambda: float = 3.0
-    dsd_sparsity: float = 0.3
-    dnr_data_fraction: float = 0.2
-    dnr_threshold: str = "global"
     slim_bn_recalibration: bool = True
     loss: str = "ce"  # "adacos": cosine logits with AdaCos's adaptive scale (Zhang et al. 2019)
-    repr_s1: Optional[int] = None  # RePr: dense epochs per cycle (None: a quarter of the run)
-    repr_s2: Optional[int] = None  # RePr: sparse epochs per cycle (None: a twentieth)
-    repr_prune: float = 0.3  # RePr: share of all conv filters dropped in a sparse phase
-    bans_temperature: float = 1.0  # Born-Again Networks: distillation temperature
-    bans_lambda: float = 1.0  # Born-Again Networks: weight of KL(teacher || student)
 
     def validate(self) -> "TrainConfig":
         _require(1 <= self.generations <= 10000, "generations", "must be in [1, 10000]",
@@ -216,14 +205,9 @@ class TrainConfig:
         _require(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)",
                  self.label_smoothing)
         _require(self.triplet_margin > 0, "triplet_margin", "must be > 0", self.triplet_margin)
-        _require(0 < self.dsd_sparsity < 1, "dsd_sparsity", "must be in (0, 1)", self.dsd_sparsity)
         _require(self.cskd_temperature > 0, "cskd_temperature", "must be > 0",
                  self.cskd_temperature)
         _require(self.cskd_lambda >= 0, "cskd_lambda", "must be >= 0", self.cskd_lambda)
-        _require(0 < self.dnr_data_fraction <= 1, "dnr_data_fraction", "must be in (0, 1]",
-                 self.dnr_data_fraction)
-        _require(self.dnr_threshold in DNR_THRESHOLDS, "dnr_threshold",
-                 f"must be one of {', '.join(DNR_THRESHOLDS)}", self.dnr_threshold)
         if self.regularizer == "smooth":
             _require(self.label_smoothing > 0, "label_smoothing",
                      "must be > 0 with --regularizer=smooth", self.label_smoothing)
@@ -231,13 +215,6 @@ class TrainConfig:
         _require(not (self.loss == "adacos" and self.regularizer == "cskd"), "loss",
                  "adacos cannot be combined with --regularizer=cskd (CS-KD distills logits, "
                  "AdaCos trains cosines)", self.loss)
-        for name in ("repr_s1", "repr_s2"):
-            value = getattr(self, name)
-            _require(value is None or value >= 1, name, "must be >= 1 (or unset)", value)
-        _require(0 < self.repr_prune < 1, "repr_prune", "must be in (0, 1)", self.repr_prune)
-        _require(self.bans_temperature > 0, "bans_temperature", "must be > 0",
-                 self.bans_temperature)
-        _require(self.bans_lambda >= 0, "bans_lambda", "must be >= 0", self.bans_lambda)
         return self
 
 
@@ -250,11 +227,14 @@ class RunConfig:
       (the most recent; None keeps all). strategy: "mirrored" trains on every local GPU (or
       logical CPU device) with `tf.distribute.MirroredStrategy`, "multi_worker" on the machines
       of the TF_CONFIG cluster with `tf.distribute.MultiWorkerMirroredStrategy`
-      (`ke_tf.execution`), the global batch split among them.
+      (`ke_tf.distribution`), the global batch split among them.
       mixed_precision: one of MIXED_PRECISION ("off", "auto": float16 on GPU, bfloat16
       on a CPU where it is faster, "force": bfloat16 on any CPU; True/False mean auto/off),
       float32 master weights.
       jit_compile: XLA-compile the train step.
+    method_flags: the values of the method's own flags ({"dsd_sparsity": 0.3, ...}); each
+      method declares its flags, their defaults and rules in its file (`ke_tf.methods`), so this
+      module knows none of them: a flag missing here takes the method's default.
     """
 
     data: DataConfig = DataConfig()
@@ -271,6 +251,7 @@ class RunConfig:
     strategy: str = "none"
     mixed_precision: str = "off"
     jit_compile: bool = False
+    method_flags: Dict[str, object] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.mixed_precision, bool):  # the boolean flag of older runs
@@ -283,8 +264,6 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         self.data.validate(), self.model.validate(), self.split.validate(), self.train.validate()
         _require(self.seed >= 0, "seed", "must be >= 0", self.seed)
-        _require(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}",
-                 self.method)
         if self.train.regularizer == "cskd":
             _require(self.data.task == "classification", "regularizer",
                      "cskd needs --task=classification", self.train.regularizer)
@@ -306,32 +285,31 @@ class RunConfig:
                      "must be logits with --task=classification", self.model.head)
         _require(self.train.loss == "ce" or self.data.task == "classification", "loss",
                  f"{self.train.loss} needs --task=classification", self.train.loss)
-        methods.get(self.method).validate(self)
         return self
 
     def to_flags(self) -> dict:
         """One flat {flag name: value} dict (field names are the flag names)."""
         flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in _PARTS}
+                if f.name not in _PARTS and f.name != "method_flags"}
         for part in _PARTS:
             flat.update(dataclasses.asdict(getattr(self, part)))
+        flat.update(self.method_flags)
         return flat
 
     @classmethod
     def from_flags(cls, flat: dict) -> "RunConfig":
-        """The inverse of `to_flags` (config.json back to a RunConfig); unknown keys are an
-        error, missing ones take the defaults."""
+        """The inverse of `to_flags` (config.json back to a RunConfig); missing keys take the
+        defaults, keys of no part are the method's flags (`method_flags`: `ke_tf.rules.check`
+        refuses a name no method declares)."""
         parts = {name: dataclasses.fields(typ) for name, typ in _PARTS.items()}
         known = {f.name for fs in parts.values() for f in fs} | {
             f.name for f in dataclasses.fields(cls) if f.name not in _PARTS}
-        unknown = sorted(set(flat) - known)
-        if unknown:
-            raise ConfigError(f"unknown flags in the saved configuration: {', '.join(unknown)}")
         kwargs = {name: _PARTS[name](**{f.name: _tuple(flat[f.name]) for f in fs
                                         if f.name in flat})
                   for name, fs in parts.items()}
         kwargs.update({f.name: flat[f.name] for f in dataclasses.fields(cls)
                        if f.name not in _PARTS and f.name in flat})
+        kwargs["method_flags"] = {k: _tuple(v) for k, v in flat.items() if k not in known}
         return cls(**kwargs)
 
 
@@ -348,11 +326,13 @@ NOT_TRAINING = ("overwrite", "keep_generations", "run_dir", "data_dir", "manual_
                 "strategy", "mixed_precision", "jit_compile", "deterministic")
 
 
-def differences(saved: dict, current: dict, ignore=NOT_TRAINING) -> list:
+def differences(saved: dict, current: dict, ignore=NOT_TRAINING,
+                defaults: Optional[dict] = None) -> list:
     """The training flags whose values differ between two `to_flags()` dicts, as
-    "--flag: a -> b"; a flag missing from `saved` (an older run) counts as its default."""
-    defaults = RunConfig().to_flags()
+    "--flag: a -> b"; a flag missing from either counts as its default (`defaults`:
+    RunConfig()'s flags and, from `ke_tf.rules.defaults`, the methods')."""
+    defaults = RunConfig().to_flags() if defaults is None else defaults
     keys = sorted((set(saved) | set(current)) - set(ignore))
     old = {k: saved.get(k, defaults.get(k)) for k in keys}
-    return [f"--{k}: {old[k]!r} -> {current.get(k)!r}" for k in keys
-            if _tuple(old[k]) != _tuple(current.get(k))]
+    new = {k: current.get(k, defaults.get(k)) for k in keys}
+    return [f"--{k}: {old[k]!r} -> {new[k]!r}" for k in keys if _tuple(old[k]) != _tuple(new[k])]

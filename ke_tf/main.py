@@ -20,7 +20,7 @@ from ke_tf import cli  # first: quiets TensorFlow's C++ logging before it is imp
 
 from absl import flags  # noqa: E402
 
-from ke_tf import config as C, presets  # noqa: E402
+from ke_tf import config as C, methods, presets  # noqa: E402
 
 D = presets.PAPER  # the paper's defaults, flat: one default per number
 P = presets.DIGITS  # what the digits preset changes
@@ -76,27 +76,24 @@ flags.DEFINE_enum("reset_init", D["reset_init"], C.RESET_INITS, "Reset draws fro
 
 flags.DEFINE_enum("method", D["method"], C.METHODS, "ke, or a method KE is compared with (README: "
                   "Methods to compare with).", module_name=METHOD)
-flags.DEFINE_float("dsd_sparsity", D["dsd_sparsity"], "--method=dsd: share of each kernel held at zero in the "
-                   "sparse generations.", module_name=METHOD)
-flags.DEFINE_float("dnr_data_fraction", D["dnr_data_fraction"], "--method=dnr: share of the training images that "
-                   "score the weights.", module_name=METHOD)
-flags.DEFINE_enum("dnr_threshold", D["dnr_threshold"], C.DNR_THRESHOLDS, "--method=dnr: keep the top "
-                  "--split_rate over the network or per layer.", module_name=METHOD)
 flags.DEFINE_enum("loss", D["loss"], C.LOSSES, "ce (cross entropy on logits) or adacos (cosine "
                   "logits, adaptive scale; combines with any --method).", module_name=METHOD)
-flags.DEFINE_integer("repr_s1", None, "--method=repr: dense epochs of a cycle [default: a "
-                     "quarter of the run, 50 of 200 as the paper].", lower_bound=1,
-                     module_name=METHOD)
-flags.DEFINE_integer("repr_s2", None, "--method=repr: sparse epochs of a cycle [default: a "
-                     "twentieth of the run, 10 of 200].", lower_bound=1, module_name=METHOD)
-flags.DEFINE_float("repr_prune", D["repr_prune"], "--method=repr: share of all conv filters "
-                   "dropped in a sparse phase.", module_name=METHOD)
-flags.DEFINE_float("bans_temperature", D["bans_temperature"], "--method=bans: distillation "
-                   "temperature.", module_name=METHOD)
-flags.DEFINE_float("bans_lambda", D["bans_lambda"], "--method=bans: weight of KL(teacher || "
-                   "student).", module_name=METHOD)
-flags.DEFINE_string("reset_from", D["reset_from"], "--method=llf: name prefix of the first layer reset.",
-                    module_name=METHOD)
+
+
+def _define_method_flag(name: str, setting) -> None:
+    """A method's own flag (`ke_tf.methods.base.Setting`), declared in the method's file."""
+    if setting.kind == "enum":
+        flags.DEFINE_enum(name, setting.default, setting.choices, setting.help, module_name=METHOD)
+    elif setting.kind == "integer":
+        flags.DEFINE_integer(name, setting.default, setting.help, module_name=METHOD)
+    elif setting.kind == "string":
+        flags.DEFINE_string(name, setting.default, setting.help, module_name=METHOD)
+    else:
+        flags.DEFINE_float(name, setting.default, setting.help, module_name=METHOD)
+
+
+for _name, _setting in methods.settings().items():
+    _define_method_flag(_name, _setting)
 
 flags.DEFINE_integer("generations", None, f"Number of generations g [default: {P['generations']} "
                      f"digits, {D['generations']} otherwise].", lower_bound=1, module_name=TRAINING)
@@ -207,26 +204,14 @@ def flag_values(defaults: bool = False) -> dict:
             for flag in FLAGS.get_flags_for_module(topic)}
 
 
-def start_multi_worker(cfg: C.RunConfig) -> bool:
-    """--strategy=multi_worker: TF_CONFIG checked (exit 2 naming it), then the process's
-    MultiWorkerMirroredStrategy created, before any other TensorFlow op (it configures the
-    collective ops; the flags' checks run none). It waits for every worker of the cluster, and
-    --batch_size must divide by its replicas. Returns whether this process is the chief."""
-    from ke_tf import execution
-
-    cluster = execution.cluster_from_env()
-    if not FLAGS.quiet:
-        role = "the chief: it writes --run_dir" if cluster.is_chief else "writes nothing"
-        print(f"--strategy=multi_worker: task {cluster.task_type}:{cluster.task_index} of "
-              f"{cluster.num_workers} ({role}); waiting for every worker", flush=True)
-    execution.strategy(cfg)
-    return cluster.is_chief
-
-
 def main(argv) -> None:
     notes: list = []
     cfg = config_from_flags(flag_values(), notes)  # pure Python: no TensorFlow op
-    chief = start_multi_worker(cfg) if cfg.strategy == "multi_worker" else True
+    from ke_tf import distribution
+
+    if cfg.strategy == "multi_worker":  # before any other TensorFlow op of the process
+        distribution.start_multi_worker(cfg, verbose=not FLAGS.quiet)
+    chief = distribution.is_chief(cfg)
     if chief:
         check_run_dir(cfg.run_dir)
     if not FLAGS.quiet:

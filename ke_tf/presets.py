@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Optional
 
+from ke_tf import rules
 from ke_tf.config import KERAS_ARCH, RunConfig
 
 PAPER: Dict[str, object] = RunConfig().to_flags()  # every default, flat
@@ -30,10 +31,6 @@ DIGITS = dict(dataset="digits", image_size=32, width_multiplier=0.25, generation
 DIGITS_P_CLASSES = 5  # --task=metric on digits: 5 training classes (0-4) per batch
 DIGITS_EVEN_BATCH = 20  # digits batches that must be even (CS-KD): 5 full batches of 100 images
 METRIC_LR_DIVISOR = 10  # sec. 4.2: "a small learning rate lr = 0.0256"
-
-# Flags whose default depends on the dataset or on other flags: the command line leaves them
-# unset (None) and `complete` decides.
-DERIVED = tuple(DIGITS) + ("p_classes", "warmup_epochs", "run_dir")
 
 
 def complete(flags: Dict[str, object], notes: Optional[List[str]] = None) -> Dict[str, object]:
@@ -69,8 +66,9 @@ def complete(flags: Dict[str, object], notes: Optional[List[str]] = None) -> Dic
 
 
 def config(flags: Dict[str, object], notes: Optional[List[str]] = None) -> RunConfig:
-    """The validated RunConfig of flat `flags` completed by `complete`."""
-    return RunConfig.from_flags(complete(flags, notes)).validate()
+    """The RunConfig of flat `flags` completed by `complete`, checked by every rule
+    (`ke_tf.rules.check`)."""
+    return rules.check(RunConfig.from_flags(complete(flags, notes)))
 
 
 def paper(**flags) -> RunConfig:

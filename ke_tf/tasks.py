@@ -18,8 +18,8 @@ from typing import Callable, Dict, List, Tuple
 import keras
 import numpy as np
 
-from ke_tf import losses, metrics
-from ke_tf.config import ConfigError, RunConfig
+from ke_tf import losses, metrics, rules
+from ke_tf.config import RunConfig
 
 RECALL_KS = (1, 2, 4, 8)
 
@@ -40,10 +40,7 @@ def _classification_loss(cfg: RunConfig, num_classes: int) -> keras.losses.Loss:
     t = cfg.train
     smoothing = t.label_smoothing if t.regularizer == "smooth" else 0.0
     if t.loss == "adacos":
-        if num_classes < 3:  # sqrt(2) ln(C - 1) = 0, and the update keeps it there
-            raise ConfigError(f"--loss=adacos needs at least 3 classes: with {num_classes} "
-                              "AdaCos's scale sqrt(2) ln(C - 1) is 0 and stays 0 (nothing "
-                              f"would be learned). Received: num_classes={num_classes}")
+        rules.check_classes(cfg, num_classes)
         return losses.AdaCosLoss(num_classes, smoothing)
     return losses.SparseCrossEntropy(smoothing)
 

@@ -46,19 +46,30 @@ def zero_reset(model, masks):
 def tiny_config(run_dir, *, data=None, model=None, split=None, train=None, **run):
     """The tests' tiny run: a 1/16-wide ResNet18 on 40 digits (4 per class) at 16 px, KELS with
     s = 0.5, 2 generations of 1 epoch with the digits preset's optimizer settings. `data`,
-    `model`, `split`, `train` (dicts) override fields of those parts, `run` of the RunConfig."""
+    `model`, `split`, `train` (dicts) override fields of those parts, `run` of the RunConfig; a
+    key of `split` or `train` that is no field of its part is a method's flag (`method_flags`,
+    e.g. train=dict(repr_s1=2))."""
+    import dataclasses
+
     from ke_tf import config as C, presets
+
+    method_flags = dict(run.pop("method_flags", {}))
+
+    def part(cls, values):
+        names = {f.name for f in dataclasses.fields(cls)}
+        method_flags.update({k: v for k, v in values.items() if k not in names})
+        return cls(**{k: v for k, v in values.items() if k in names})
 
     return C.RunConfig(
         data=C.DataConfig(**{"dataset": "digits", "image_size": 16, "batch_size": 16,
                              "digits_per_class": 4, "recal_images": 32, **(data or {})}),
         model=C.ModelConfig(**{"arch": "resnet18", "width_multiplier": 1 / 16, **(model or {})}),
-        split=C.SplitConfig(**{"split_rate": 0.5, **(split or {})}),
-        train=C.TrainConfig(**{"generations": 2, "epochs": 1, "warmup_epochs": 0,
-                               **{k: presets.DIGITS[k] for k in ("lr", "weight_decay",
-                                                                 "regularizer")},
-                               **(train or {})}),
-        run_dir=str(run_dir), **run)
+        split=part(C.SplitConfig, {"split_rate": 0.5, **(split or {})}),
+        train=part(C.TrainConfig, {"generations": 2, "epochs": 1, "warmup_epochs": 0,
+                                   **{k: presets.DIGITS[k] for k in ("lr", "weight_decay",
+                                                                     "regularizer")},
+                                   **(train or {})}),
+        run_dir=str(run_dir), method_flags=method_flags, **run)
 
 
 def image_folder(root, classes=("cat", "dog", "owl"), sizes=(("train", 6), ("test", 3))):

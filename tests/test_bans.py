@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import conftest
-from ke_tf import config as C
+from ke_tf import config as C, rules
 from ke_tf import reinit
 from ke_tf.generations import GenerationRunner
 from ke_tf.hooks import Hook, Hooks
@@ -194,15 +194,15 @@ def test_folder_dataset(tmp_path):
 
 
 def test_flags_bans_refuses():
-    C.RunConfig(method="bans").validate()
-    C.RunConfig(method="bans", train=C.TrainConfig(regularizer="cskd")).validate()
+    rules.check(C.RunConfig(method="bans"))
+    rules.check(C.RunConfig(method="bans", train=C.TrainConfig(regularizer="cskd")))
     with pytest.raises(C.ConfigError, match="--method bans distills"):
-        C.RunConfig(method="bans", data=C.DataConfig(task="metric", batch_size=125),
-                    model=C.ModelConfig(head="embedding")).validate()
+        rules.check(C.RunConfig(method="bans", data=C.DataConfig(task="metric", batch_size=125),
+                                model=C.ModelConfig(head="embedding")))
     with pytest.raises(C.ConfigError, match="--loss must be ce with --method=bans"):
-        C.RunConfig(method="bans", train=C.TrainConfig(loss="adacos")).validate()
+        rules.check(C.RunConfig(method="bans", train=C.TrainConfig(loss="adacos")))
     with pytest.raises(C.ConfigError, match="--evolve_mode"):
-        C.RunConfig(method="bans", split=C.SplitConfig(evolve_mode="zero")).validate()
+        rules.check(C.RunConfig(method="bans", split=C.SplitConfig(evolve_mode="zero")))
 
 
 # --- processes: the command line, killed and resumed ----------------------------------------------

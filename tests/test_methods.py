@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import conftest
-from ke_tf import config as C
+from ke_tf import config as C, rules
 from ke_tf import masks, networks, slim
 from ke_tf.generations import GenerationRunner
 from ke_tf.hooks import Hook, Hooks
@@ -105,11 +105,12 @@ def test_tasks_metric_eval_survives_a_diverged_network():
 
 def test_method_flags_validate():
     with pytest.raises(C.ConfigError, match="--wels_rand"):
-        C.RunConfig(method="llf", split=C.SplitConfig(split_mode="wels", wels_rand=True)).validate()
+        rules.check(C.RunConfig(method="llf",
+                                split=C.SplitConfig(split_mode="wels", wels_rand=True)))
     with pytest.raises(C.ConfigError, match="--method"):
-        C.RunConfig(method="bogus").validate()
+        rules.check(C.RunConfig(method="bogus"))
     with pytest.raises(C.ConfigError, match="--split_mode"):
-        C.RunConfig(method="slim_scratch", split=C.SplitConfig(split_mode="wels")).validate()
+        rules.check(C.RunConfig(method="slim_scratch", split=C.SplitConfig(split_mode="wels")))
     with pytest.raises(C.ConfigError, match="--evolve_mode"):
         C.SplitConfig(evolve_mode="orthogonal").validate()
 
@@ -220,7 +221,7 @@ def test_cskd_batches_hold_anchors_then_same_class_partners():
                       train=C.TrainConfig(regularizer="cskd")).validate()
     assert cfg.data.class_pairs
     data = data_lib.load(cfg.data)
-    batches = list(data.train)
+    batches = list(data.train_from(0).take(data.steps_per_epoch))
     assert len(batches) == 4  # 40 images, batches of 10
     for _, y in batches:
         y = y.numpy()
@@ -349,8 +350,8 @@ def test_dsd_only_is_dense_sparse_dense_once(tmp_path):
 
 def test_dsd_only_needs_three_phases():
     with pytest.raises(C.ConfigError, match="--epochs"):
-        C.RunConfig(method="dsd_only", train=C.TrainConfig(generations=1, epochs=3,
-                                                           warmup_epochs=0)).validate()
+        rules.check(C.RunConfig(method="dsd_only", train=C.TrainConfig(generations=1, epochs=3,
+                                                                       warmup_epochs=0)))
 
 
 @pytest.mark.parametrize("method", ["repr", "dsd_only"])

@@ -5,7 +5,8 @@ questions that loop asks: how many generations of how many epochs (`schedule`), 
 is trained and with which masks (`network`, `initial_masks`), which networks are evaluated
 every generation (`networks_to_evaluate`: dense N_g, slim H_g, H_g with re-estimated
 BatchNorm statistics), what happens between two generations (`between_generations`: Eq. 1,
-DSD's pruning, DNR's re-scoring, ...) and which flag combinations it accepts (`validate`).
+DSD's pruning, DNR's re-scoring, ...) and which flag combinations it accepts (`validate`); its own flags (`settings`, e.g.
+--dsd_sparsity) are declared in its file too.
 
 | --method | file | paper |
 |---|---|---|
@@ -19,9 +20,9 @@ DSD's pruning, DNR's re-scoring, ...) and which flag combinations it accepts (`v
 | bans | `bans.py` | Born-Again Networks (Furlanello et al., ICML 2018): each generation distilled from the last |
 | dsd_only | `dsd_only.py` | Dense-Sparse-Dense (Han et al., ICLR 2017), once: the paper's DSD baseline row |
 
-Adding a method: one file here with a `Method` subclass, one line in `REGISTRY`, its tests.
-The modules are imported when a method is first asked for, so that the command line parses its
-flags (and answers --help or bad usage) without loading TensorFlow.
+Adding a method: one file here with a `Method` subclass (its settings, rules and behaviour),
+one line in `REGISTRY` and its name in `ke_tf.config.METHODS`, its tests. A method defined
+outside the package is `register`ed instead (tests/test_methods.py shows one).
 """
 from __future__ import annotations
 
@@ -40,14 +41,40 @@ REGISTRY = {
     "dsd_only": "dsd_only:DSDOnly",
 }
 NAMES = tuple(REGISTRY)
+_REGISTERED: dict = {}  # name -> Method subclass defined outside this package (`register`)
+
+
+def register(cls) -> None:
+    """Make the `Method` subclass `cls` a --method value of this process (`cls.name`), e.g. a
+    method a user or a test defines in its own file; the package's own are in `REGISTRY`."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"--method={cls.name} is one of ke_tf's own methods. "
+                         f"Received: name={cls.name!r}")
+    _REGISTERED[cls.name] = cls
+
+
+def names() -> tuple:
+    """Every --method value: the package's own, then the registered ones."""
+    return NAMES + tuple(_REGISTERED)
 
 
 def get(name: str):
     """The `Method` subclass registered as `name` (a --method value)."""
+    if name in _REGISTERED:
+        return _REGISTERED[name]
     if name not in REGISTRY:
-        raise KeyError(f"no method {name!r}; the methods are {', '.join(NAMES)}")
+        raise KeyError(f"no method {name!r}; the methods are {', '.join(names())}")
     module, cls = REGISTRY[name].split(":")
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+def settings() -> dict:
+    """{flag name: `base.Setting`} of every method's own flags (a flag two methods share, such
+    as DSD's --dsd_sparsity, once)."""
+    out = {}
+    for name in names():
+        out.update(get(name).settings)
+    return out
 
 
 def create(config):

@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from ke_tf import masks as masks_lib
 from ke_tf.config import ConfigError
-from ke_tf.methods.base import Method, require
+from ke_tf.methods.base import Method, Setting, require
 
 TEACHER = "teacher/"  # key prefix of the teacher's weights in the method's checkpoint arrays
 WEIGHT = "distillation_weight"
@@ -61,6 +61,12 @@ def all_reset(network: keras.Model) -> masks_lib.Masks:
 
 class BornAgainNetworks(Method):
     name = "bans"
+    settings = {
+        "bans_temperature": Setting(1.0, "--method=bans: distillation temperature.",
+                                    ok=lambda v: v > 0, rule="must be > 0"),
+        "bans_lambda": Setting(1.0, "--method=bans: weight of KL(teacher || student).",
+                               ok=lambda v: v >= 0, rule="must be >= 0"),
+    }
 
     def __init__(self, config):
         super().__init__(config)
@@ -97,7 +103,7 @@ class BornAgainNetworks(Method):
             raise ValueError("the teacher's weights are not named like the network's")
         weight = tf.Variable(0.0, trainable=False, dtype=tf.float32, name="bans_weight")
         self._teacher = (teacher, weight)
-        return teacher, self.config.train.bans_temperature, weight
+        return teacher, self.setting("bans_temperature"), weight
 
     @property
     def teacher_network(self) -> keras.Model:
@@ -114,7 +120,7 @@ class BornAgainNetworks(Method):
             t.assign(s.value)
         self.reinitialize(network, all_reset(network), generation)
         reset_batchnorm(network)
-        self.distillation_weight.assign(self.config.train.bans_lambda)
+        self.distillation_weight.assign(self.setting("bans_lambda"))
         return run.masks
 
     def arrays(self, run) -> Dict[str, np.ndarray]:

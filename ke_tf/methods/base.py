@@ -7,7 +7,8 @@ the same config and goes on.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+import dataclasses
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -22,14 +23,41 @@ def require(cond: bool, flag: str, msg: str, value) -> None:
         raise ConfigError(f"--{flag} {msg}. Received: {flag}={value!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One flag of a method (e.g. --dsd_sparsity): its default, one line of help for --helpfull,
+    its type ("float", "integer", "enum", "string"; `choices` for an enum) and its rule: `ok`
+    (a predicate of the value; None passes when the default is None) and what `rule` says of
+    it ("must be in (0, 1)"). The command line defines it, `RunConfig.method_flags` holds its
+    value, `ke_tf.rules.check` applies the rule."""
+
+    default: object
+    help: str
+    kind: str = "float"
+    ok: Callable[[object], bool] = lambda value: True
+    rule: str = ""
+    choices: Tuple[str, ...] = ()
+
+    def check(self, name: str, value) -> None:
+        if value is None and self.default is None:
+            return
+        allowed = value in self.choices if self.kind == "enum" else self.ok(value)
+        require(allowed, name, self.rule or f"must be one of {', '.join(self.choices)}", value)
+
+
 class Method:
     """The defaults: g generations of e epochs, the dense network trained and evaluated, no
     masks, nothing done between generations. Subclasses override what their method changes."""
 
     name = ""  # the --method value
+    settings: Dict[str, Setting] = {}  # the method's own flags, by name
 
     def __init__(self, config: RunConfig):
         self.config = config
+
+    def setting(self, name: str):
+        """The value of the method's own flag `name`: the run's, else its default."""
+        return self.config.method_flags.get(name, self.settings[name].default)
 
     @classmethod
     def validate(cls, config: RunConfig) -> None:

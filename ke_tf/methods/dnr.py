@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from ke_tf import losses, masks as masks_lib
-from ke_tf.methods.base import Method, require
+from ke_tf.methods.base import Method, Setting, require
 
 
 def connection_sensitivity(model: keras.Model, batches, num_batches: int) -> masks_lib.Masks:
@@ -62,6 +62,13 @@ def dnr_batches(num_train: int, batch_size: int, fraction: float) -> int:
 
 class DynamicNeuralRegeneration(Method):
     name = "dnr"
+    settings = {
+        "dnr_data_fraction": Setting(0.2, "--method=dnr: share of the training images that score "
+                                     "the weights.", ok=lambda v: 0 < v <= 1,
+                                     rule="must be in (0, 1]"),
+        "dnr_threshold": Setting("global", "--method=dnr: keep the top --split_rate over the network "
+                                 "or per layer.", kind="enum", choices=("global", "layer")),
+    }
 
     @classmethod
     def validate(cls, config) -> None:
@@ -72,10 +79,11 @@ class DynamicNeuralRegeneration(Method):
 
     def between_generations(self, run, generation: int) -> masks_lib.Masks:
         """Score this generation's trained weights, then re-draw the low-scoring ones."""
-        t, info = self.config.train, run.data.info
-        n = dnr_batches(info.num_train, self.config.data.batch_size, t.dnr_data_fraction)
+        info = run.data.info
+        n = dnr_batches(info.num_train, self.config.data.batch_size,
+                        self.setting("dnr_data_fraction"))
         masks = dnr_masks(run.network, run.data.train_plain, n, self.config.split.split_rate,
-                          per_layer=t.dnr_threshold == "layer")
+                          per_layer=self.setting("dnr_threshold") == "layer")
         self.reinitialize(run.network, masks, generation)
         return masks
 

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 
 from ke_tf import masks as masks_lib
-from ke_tf.methods.base import Method
+from ke_tf.methods.base import Method, Setting
 
 
 def dsd_keep(model: keras.Model, sparsity: float) -> masks_lib.Masks:
@@ -32,15 +32,20 @@ def dsd_keep(model: keras.Model, sparsity: float) -> masks_lib.Masks:
     return keep
 
 
+SPARSITY = Setting(0.3, "--method=dsd: share of each kernel held at zero in the sparse generations.",
+                   ok=lambda v: 0 < v < 1, rule="must be in (0, 1)")
+
+
 class DenseSparseDense(Method):
     name = "dsd"
+    settings = {"dsd_sparsity": SPARSITY}
 
     def held_at_zero(self, network: keras.Model) -> Sequence[str]:
-        return list(dsd_keep(network, self.config.train.dsd_sparsity))
+        return list(dsd_keep(network, self.setting("dsd_sparsity")))
 
     def between_generations(self, run, generation: int) -> masks_lib.Masks:
         """Generation g+1 is sparse if even (prune and hold), dense if odd (free)."""
         sparse = (generation + 1) % 2 == 0
         run.model.hold_at_zero(
-            dsd_keep(run.network, self.config.train.dsd_sparsity) if sparse else None)
+            dsd_keep(run.network, self.setting("dsd_sparsity")) if sparse else None)
         return run.masks

@@ -13,7 +13,7 @@ import keras
 
 from ke_tf import masks as masks_lib
 from ke_tf.methods.base import Method, require
-from ke_tf.methods.dsd import dsd_keep
+from ke_tf.methods.dsd import SPARSITY, dsd_keep
 
 
 def phase_ends(total_epochs: int) -> Tuple[int, int]:
@@ -24,6 +24,7 @@ def phase_ends(total_epochs: int) -> Tuple[int, int]:
 
 class DSDOnly(Method):
     name = "dsd_only"
+    settings = {"dsd_sparsity": SPARSITY}
 
     @classmethod
     def validate(cls, config) -> None:
@@ -38,12 +39,12 @@ class DSDOnly(Method):
         return 1, t.generations * t.epochs
 
     def held_at_zero(self, network: keras.Model) -> Sequence[str]:
-        return list(dsd_keep(network, self.config.train.dsd_sparsity))
+        return list(dsd_keep(network, self.setting("dsd_sparsity")))
 
     def after_epoch(self, run, epoch: int) -> masks_lib.Masks:
         dense_end, sparse_end = phase_ends(self.schedule()[1])
         if epoch == dense_end:  # prune the smallest weights of the trained dense network
-            run.model.hold_at_zero(dsd_keep(run.network, self.config.train.dsd_sparsity))
+            run.model.hold_at_zero(dsd_keep(run.network, self.setting("dsd_sparsity")))
         elif epoch == sparse_end:  # free them, from zero
             run.model.hold_at_zero(None)
         return run.masks

@@ -9,7 +9,7 @@ import numpy as np
 
 from ke_tf import graph, masks as masks_lib
 from ke_tf.config import ConfigError
-from ke_tf.methods.base import Method
+from ke_tf.methods.base import Method, Setting
 
 
 def llf_masks(model: keras.Model, reset_from: str) -> masks_lib.Masks:
@@ -31,9 +31,11 @@ def llf_masks(model: keras.Model, reset_from: str) -> masks_lib.Masks:
 
 class LaterLayerForgetting(Method):
     name = "llf"
+    settings = {"reset_from": Setting("layer4", "--method=llf: name prefix of the first layer reset.",
+                                      kind="string", ok=bool, rule="must name a layer prefix")}
 
     def initial_masks(self, network: keras.Model) -> masks_lib.Masks:
-        return llf_masks(network, self.config.split.reset_from)
+        return llf_masks(network, self.setting("reset_from"))
 
     def between_generations(self, run, generation: int) -> masks_lib.Masks:
         self.reinitialize(run.network, run.masks, generation)

@@ -19,7 +19,7 @@ import numpy as np
 
 from ke_tf import masks as masks_lib, repr_filters
 from ke_tf.config import ConfigError
-from ke_tf.methods.base import Method
+from ke_tf.methods.base import Method, Setting
 
 
 def phase_lengths(total_epochs: int, s1: Optional[int], s2: Optional[int]) -> Tuple[int, int]:
@@ -44,14 +44,24 @@ def conv_kernels(network: keras.Model) -> Dict[str, keras.Variable]:
 
 class RePr(Method):
     name = "repr"
+    settings = {
+        "repr_s1": Setting(None, "--method=repr: dense epochs of a cycle [default: a quarter of the "
+                           "run, 50 of 200 as the paper].", kind="integer",
+                           ok=lambda v: v >= 1, rule="must be >= 1 (or unset)"),
+        "repr_s2": Setting(None, "--method=repr: sparse epochs of a cycle [default: a twentieth of "
+                           "the run, 10 of 200].", kind="integer",
+                           ok=lambda v: v >= 1, rule="must be >= 1 (or unset)"),
+        "repr_prune": Setting(0.3, "--method=repr: share of all conv filters dropped in a sparse "
+                              "phase.", ok=lambda v: 0 < v < 1, rule="must be in (0, 1)"),
+    }
 
     def schedule(self) -> Tuple[int, int]:
         t = self.config.train
         return 1, t.generations * t.epochs
 
     def phases(self) -> Tuple[int, int]:
-        t = self.config.train
-        return phase_lengths(self.schedule()[1], t.repr_s1, t.repr_s2)
+        return phase_lengths(self.schedule()[1], self.setting("repr_s1"),
+                             self.setting("repr_s2"))
 
     def held_at_zero(self, network: keras.Model) -> Sequence[str]:
         kernels = conv_kernels(network)
@@ -65,7 +75,7 @@ class RePr(Method):
         kernels = conv_kernels(run.network)
         if change == "drop":
             keep = repr_filters.drop_masks({p: v.numpy() for p, v in kernels.items()},
-                                           self.config.train.repr_prune)
+                                           self.setting("repr_prune"))
             run.model.hold_at_zero({p: np.broadcast_to(k, kernels[p].shape)
                                     for p, k in keep.items()})
         elif change == "restore":
