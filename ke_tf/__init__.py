@@ -3,17 +3,19 @@
 Modules, one concept each: ``networks`` (architectures), ``graph`` (channel sets through a Keras
 functional graph), ``masks`` (KELS/WELS split masks, sec. 3.2), ``reinit`` (Eq. 1), ``slim``
 (the fit hypothesis as its own network), ``cost`` (parameters and MACs), ``config`` (the
-paper's settings as defaults), ``presets`` (named settings), ``data`` (sources, transforms,
-pipelines), ``losses``, ``metrics``, ``tasks`` (classification vs metric learning), ``model``
-(train_step), ``methods`` (one object per method: KE and its peers LLF, DSD, DNR, long, slim
-from scratch), ``generations`` (the KE loop), ``evolution`` (``ke_tf.evolve``: KE for your own model and data), ``state`` (where a run stands), ``hooks`` (the
-side work's interface), ``results`` (the CSV tables), ``checkpoint`` (resume and export),
-``repr_filters`` (RePr's filter ranking and orthogonal re-init, for the RePr baseline),
-``execution`` (strategy and precision of a run), ``cpu`` (the CPU and its
-TensorFlow kernels), ``multi_worker`` (training under
-MultiWorkerMirroredStrategy without Keras's ``fit``), ``monitor``, ``export``, ``faults`` (fault
-injection), ``atomic`` (atomic outputs), ``cli``
-(exit statuses) and ``main`` (the command line).
+paper's settings as defaults), ``rules`` (every cross-flag rule, run in one place), ``presets``
+(named settings), ``data`` (sources, transforms, pipelines), ``losses``, ``metrics``, ``tasks``
+(classification vs metric learning), ``model`` (train_step, the one compiled KE model),
+``methods`` (one object per method, its flags too: KE and its peers), ``generations`` (the KE
+loop), ``rundir`` (fresh start, resume), ``evolution`` (``ke_tf.evolve``: KE for your own
+model and data), ``state`` (where a run stands), ``hooks`` (the side work's interface),
+``results`` (the CSV tables), ``checkpoint`` (resume and export), ``divergence`` (NaN stops a
+run), ``repr_filters`` (RePr's filter ranking and orthogonal re-init), ``distribution``
+(strategies, the chief, training under MultiWorkerMirroredStrategy without Keras's ``fit``),
+``precision`` (mixed precision where it pays), ``cpu`` (the CPU and its TensorFlow kernels),
+``internals`` (the private Keras/TensorFlow APIs used, in one place), ``monitor``, ``export``,
+``faults`` (fault injection), ``atomic`` (atomic outputs), ``cli`` (exit statuses) and
+``main`` (the command line).
 """
 
 __version__ = "0.1.0"

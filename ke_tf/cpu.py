@@ -5,7 +5,7 @@ is imported (TensorFlow reads it once, at import):
 
 - `cpu_info(text)` / `this_cpu()`: `CpuInfo` (model name, x86 family and model, flags).
 - `CpuInfo.bf16_units`: whether the CPU has bfloat16 matrix units (what --mixed_precision asks,
-  `ke_tf.execution.decide_precision`); `as_onednn_sees_it` drops AMX that ONEDNN_MAX_CPU_ISA
+  `ke_tf.precision.decide_precision`); `as_onednn_sees_it` drops AMX that ONEDNN_MAX_CPU_ISA
   forbids.
 - `onednn_default(cpu, environ)` / `enable_onednn_where_faster()`: TensorFlow 2.21 turns its
   oneDNN CPU kernels off by default on CPUs without AVX-512; on an AVX2 CPU they train ke_tf's

@@ -1,7 +1,8 @@
 """KEModel: the network plus the training step that `Model.fit` drives (sec. 4.1).
 
-The step follows the Keras guide ("Customizing what happens in fit()") with public APIs only:
-`compute_loss`, `optimizer.apply`, `self.metrics`. One rule of the paper lives here: SGD with
+The step follows the Keras guide ("Customizing what happens in fit()"): `compute_loss`,
+`optimizer.apply`, `self.metrics`; the fused SGD update below reads the optimizer's momentum
+buffers, the one private Keras attribute here (`ke_tf.internals.sgd_momentums`). One rule of the paper lives here: SGD with
 weight decay 1e-4 *as PyTorch applies it* (coupled L2: wd * w is added to the gradient before
 momentum, on every trainable variable). Keras's `SGD(weight_decay=...)` is decoupled (it shrinks
 the weights after the update) and would give a different trajectory.
@@ -32,7 +33,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ke_tf import losses
+from ke_tf import internals, losses, tasks
+from ke_tf.config import RunConfig
 
 
 def lr_at_epoch(epoch: int, base_lr: float, epochs: int, warmup_epochs: int) -> float:
@@ -67,9 +69,36 @@ class LearningRateSchedule(keras.callbacks.Callback):
         lr = lr_at_epoch(epoch, self.base_lr, self.epochs, self.warmup_epochs)
         old = float(optimizer.learning_rate.numpy())
         if old > 0 and lr != old:
-            for velocity in getattr(optimizer, "momentums", None) or []:
+            for velocity in internals.sgd_momentums(optimizer):
                 velocity.assign(velocity * (lr / old))
         optimizer.learning_rate.assign(lr)
+
+
+def restart(model: "KEModel") -> None:
+    """What every generation starts with (sec. 3.1): the optimizer's state zeroed
+    (`restart_optimizer`) and a loss with a state restarted with it (AdaCos's scale); the
+    learning-rate schedule restarts with the generation's first epoch (`LearningRateSchedule`)."""
+    restart_optimizer(model.optimizer)
+    if hasattr(model.loss, "restart"):
+        model.loss.restart()
+
+
+def compile_ke_model(network: keras.Model, config: RunConfig, num_classes: int, *,
+                     held_at_zero: Sequence[str] = (), teacher=None) -> "KEModel":
+    """The KEModel of `network`, compiled as a run of `config` trains it: SGD with momentum
+    (named "sgd": a checkpoint keys its variables by path) at --lr with --weight_decay coupled,
+    CS-KD with --regularizer=cskd, the task's loss and metrics, --jit_compile. The one place a
+    KE training model is made: the GenerationRunner and the tools use it. `held_at_zero`,
+    `teacher`: the method's (`KEModel`)."""
+    t, task = config.train, tasks.TASKS[config.data.task]
+    model = KEModel(network, weight_decay=t.weight_decay,
+                    cskd=(t.cskd_temperature, t.cskd_lambda) if t.regularizer == "cskd" else None,
+                    held_at_zero=held_at_zero, teacher=teacher)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=t.lr, momentum=t.momentum,
+                                                 name="sgd"),
+                  loss=task.make_loss(config, num_classes),
+                  metrics=task.make_metrics(num_classes), jit_compile=config.jit_compile)
+    return model
 
 
 def restart_optimizer(optimizer: keras.optimizers.Optimizer) -> None:
@@ -113,8 +142,6 @@ class KEModel(keras.Model):
         not even run. The teacher is not tracked as a part of this model (its variables are
         neither trained nor in `variables`). None (the default): no teacher.
     """
-
-    fused_update = True  # False: always `optimizer.apply` (the unfused reference)
 
     def __init__(self, network: keras.Model, weight_decay: float = 1e-4,
                  cskd: Optional[Tuple[float, float]] = None,
@@ -208,10 +235,10 @@ class KEModel(keras.Model):
         return tf.cond(tf.not_equal(weight, 0), term, lambda: tf.constant(0.0, tf.float32))
 
     def _fused_sgd(self) -> bool:
-        """Whether the update can run as fused kernels (`_apply_fused_sgd`): `fused_update`, a
-        plain, built Keras SGD with momentum, TensorFlow, no distribution strategy."""
+        """Whether the update can run as fused kernels (`_apply_fused_sgd`): a plain, built
+        Keras SGD with momentum, TensorFlow, no distribution strategy."""
         opt = self.optimizer
-        return (self.fused_update and type(opt) is keras.optimizers.SGD
+        return (type(opt) is keras.optimizers.SGD
                 and keras.backend.backend() == "tensorflow" and opt.built
                 and opt.momentum != 0 and not opt.nesterov
                 and not tf.distribute.has_strategy()
@@ -231,10 +258,11 @@ class KEModel(keras.Model):
         decay = lr * (self.weight_decay / opt.momentum)
         # The optimizer was built from this same list (its first `apply`, before the fused
         # path can be taken), so its momentum buffers come in the variables' order.
-        if len(opt.momentums) != len(variables):
-            raise ValueError(f"the optimizer holds {len(opt.momentums)} momentum buffers for "
+        momentums = internals.sgd_momentums(opt)
+        if len(momentums) != len(variables):
+            raise ValueError(f"the optimizer holds {len(momentums)} momentum buffers for "
                              f"{len(variables)} variables. Received: variables={variables!r}")
-        for grad, var, accum in zip(grads, variables, opt.momentums):
+        for grad, var, accum in zip(grads, variables, momentums):
             if grad is None:
                 continue
             if self.weight_decay:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 from ke_tf import atomic
 from ke_tf.hooks import Hook
@@ -16,6 +16,29 @@ from ke_tf.hooks import Hook
 RESULTS = "results.csv"
 HYPOTHESES = "hypotheses.csv"
 HYPOTHESES_COLUMNS = ("generation", "variable", "fit_mean_abs", "reset_mean_abs")
+HEAD_COLUMNS = ("generation", "net", "method", "split_mode", "split_rate")
+COST_COLUMNS = ("params", "macs", "seconds")
+
+
+def columns(task) -> List[str]:
+    """results.csv's columns for a `ke_tf.tasks.Task`: which generation and network, the task's
+    evaluation columns, the last epoch's training metrics, the network's cost and the seconds."""
+    return list(HEAD_COLUMNS + task.columns + task.train_columns + COST_COLUMNS)
+
+
+def row(columns: Sequence[str], *, generation: int, net: str, method, train: Dict,
+        cost: Tuple[int, int], scores: Sequence[Dict]) -> Dict:
+    """One row of results.csv, every cell but "seconds" (`RunState.record` adds the time the
+    generation took): the network `net` of `generation`, the method's name and split cells,
+    the last epoch's `train` metrics, its (params, MACs) `cost` and its `scores` on each split
+    (`Task.evaluate`); columns it has no value for are empty."""
+    out = dict.fromkeys(columns, "")
+    out.update(generation=generation, net=net, method=method.name, **train,
+               **method.split_columns())
+    for split_scores in scores:
+        out.update(split_scores)
+    out["params"], out["macs"] = cost
+    return out
 
 
 def cell(column: str, value):

@@ -24,6 +24,11 @@ def digits_config(**fields):
     """The embedded digits at 32 px (the digits preset's size), other fields as given."""
     return DataConfig(**{"dataset": "digits", "image_size": 32, **fields})
 
+def epoch(d, e):
+    """The training batches of epoch `e` (0-based, counted over the whole run) of loaded data."""
+    return d.train_from(e).take(d.steps_per_epoch)
+
+
 def arrays(ds):
     """All batches of `ds` as (images, labels) numpy arrays."""
     xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
@@ -82,7 +87,7 @@ def test_digits_split_does_not_depend_on_seed(digits):
 
 
 def test_digits_images_shape_dtype_and_normalization(digits):
-    x, y = next(iter(digits.train))
+    x, y = next(iter(epoch(digits, 0)))
     assert x.shape == (32, 32, 32, 3) and x.dtype == tf.float32 and y.dtype == tf.int32
     x_test, _ = arrays(digits.test)
     assert x_test.shape == (1697, 32, 32, 3)
@@ -95,14 +100,14 @@ def test_digits_images_shape_dtype_and_normalization(digits):
 
 def test_train_order_is_reproducible_and_reshuffled_every_epoch():
     a, b = data.load(digits_config(seed=3)), data.load(digits_config(seed=3))
-    a1, a2 = arrays(a.epoch(0)), arrays(a.epoch(1))  # two epochs
-    b2, b1 = arrays(b.epoch(1)), arrays(b.epoch(0))  # a resumed run reads epoch 1 first
+    a1, a2 = arrays(epoch(a, 0)), arrays(epoch(a, 1))  # two epochs
+    b2, b1 = arrays(epoch(b, 1)), arrays(epoch(b, 0))  # a resumed run reads epoch 1 first
     for u, v in ((a1, b1), (a2, b2)):
         np.testing.assert_array_equal(u[0], v[0])
         np.testing.assert_array_equal(u[1], v[1])
     assert len(a1[1]) == len(a2[1]) == 100  # one full epoch, no drop_remainder
     assert not np.array_equal(a1[1], a2[1])
-    assert not np.array_equal(a1[1], arrays(data.load(digits_config(seed=4)).train)[1])
+    assert not np.array_equal(a1[1], arrays(epoch(data.load(digits_config(seed=4)), 0))[1])
 
 
 def test_augmentation_is_reproducible_and_differs_across_seeds_and_epochs(tmp_path):
@@ -111,7 +116,7 @@ def test_augmentation_is_reproducible_and_differs_across_seeds_and_epochs(tmp_pa
 
     def epochs(seed):
         d = data.load(DataConfig(dataset=f"folder:{tmp_path}", image_size=16, seed=seed))
-        return arrays(d.epoch(0))[0], arrays(d.epoch(1))[0]
+        return arrays(epoch(d, 0))[0], arrays(epoch(d, 1))[0]
 
     (a1, a2), (b1, b2), (c1, _) = epochs(0), epochs(0), epochs(1)
     np.testing.assert_array_equal(a1, b1)
@@ -217,12 +222,12 @@ def test_folder_dataset(tmp_path):
     info = d.info
     assert info.class_names == ("a", "b", "c") and info.num_classes == 3
     assert (info.num_train, info.num_val, info.num_test, info.has_val) == (9, 2, 2, True)
-    x, y = arrays(d.train)
+    x, y = arrays(epoch(d, 0))
     assert x.shape == (9, 16, 16, 3)
     np.testing.assert_array_equal(np.bincount(y), [2, 4, 3])
     np.testing.assert_array_equal(arrays(d.val)[1], [1, 1])  # 'b' keeps the train label
     np.testing.assert_array_equal(np.sort(arrays(d.test)[1]), [0, 2])
-    batch_sizes = [len(yb) for _, yb in d.train]
+    batch_sizes = [len(yb) for _, yb in epoch(d, 0)]
     assert batch_sizes == [4, 4, 1]
 
 
@@ -264,7 +269,7 @@ def test_tfds_datasets_mocked(name, num_classes, has_val):
             num_classes, num_classes, has_val)
         assert (info.num_train, info.num_test, info.num_val) == (6, 6, 6 if has_val else 0)
         assert (d.val is not None) == has_val
-        for ds in filter(None, (d.train, d.train_plain, d.val, d.test)):
+        for ds in filter(None, (epoch(d, 0), d.train_plain, d.val, d.test)):
             x, y = arrays(ds)
             assert x.shape == (6, 32, 32, 3) and x.dtype == np.float32 and y.dtype == np.int32
             assert 0 <= y.min() and y.max() < num_classes
@@ -320,7 +325,7 @@ def test_tfds_prepared_offline_from_manual_dir(tmp_path, monkeypatch):
     d = data.load(DataConfig(dataset="oxford_flowers102", data_dir=str(data_dir),
                              image_size=16, batch_size=8))  # prepared: --manual_dir not needed
     assert (d.info.num_train, d.info.num_val, d.info.num_test) == (4, 2, 3)
-    np.testing.assert_array_equal(np.sort(arrays(d.train)[1]), [9, 19, 29, 39])
+    np.testing.assert_array_equal(np.sort(arrays(epoch(d, 0))[1]), [9, 19, 29, 39])
     np.testing.assert_array_equal(np.sort(arrays(d.val)[1]), [49, 59])
     assert arrays(d.test)[0].shape == (3, 16, 16, 3)
 
@@ -362,14 +367,14 @@ def test_metric_digits_splits_are_class_disjoint(digits_metric):
 
 def test_metric_batches_are_p_classes_by_k_images(digits_metric):
     assert digits_metric.steps_per_epoch == 901 // 25
-    for epoch in range(2):
-        batches = [(x.numpy(), y.numpy()) for x, y in digits_metric.epoch(epoch)]
+    for e in range(2):
+        batches = [(x.numpy(), y.numpy()) for x, y in epoch(digits_metric, e)]
         assert len(batches) == 36
         for x, y in batches:
             assert x.shape == (25, 32, 32, 3) and x.dtype == np.float32 and y.dtype == np.int32
             assert_p_by_k(y, 5, 5)
     d = data.load(metric_config(p=3, k=4))
-    batches = [y.numpy() for _, y in d.train]
+    batches = [y.numpy() for _, y in epoch(d, 0)]
     assert len(batches) == 901 // 12
     for y in batches:
         assert_p_by_k(y, 3, 4)
@@ -378,13 +383,13 @@ def test_metric_batches_are_p_classes_by_k_images(digits_metric):
 
 def test_metric_train_is_reproducible_and_differs_per_epoch():
     a, b = data.load(metric_config(seed=3)), data.load(metric_config(seed=3))
-    a1, a2 = arrays(a.epoch(0)), arrays(a.epoch(1))
-    b1, b2 = arrays(b.epoch(1)), arrays(b.epoch(0))  # any order of reading: epoch e is epoch e
+    a1, a2 = arrays(epoch(a, 0)), arrays(epoch(a, 1))
+    b1, b2 = arrays(epoch(b, 1)), arrays(epoch(b, 0))  # any order of reading: epoch e is epoch e
     for u, v in ((a1, b2), (a2, b1)):
         np.testing.assert_array_equal(u[0], v[0])
         np.testing.assert_array_equal(u[1], v[1])
     assert not np.array_equal(a1[1], a2[1]) and not np.allclose(a1[0], a2[0])
-    c1 = arrays(data.load(metric_config(seed=4)).train)
+    c1 = arrays(epoch(data.load(metric_config(seed=4)), 0))
     assert not np.array_equal(a1[1], c1[1])
 
 
@@ -407,7 +412,7 @@ def test_metric_folder(tmp_path):
     assert (info.num_train, info.num_test, info.num_classes, info.num_test_classes) == (10, 3, 3, 2)
     train_colors = np.array([colors[c] for c in "abc"]) / 255.0
     for _ in range(2):
-        batches = [(x.numpy(), y.numpy()) for x, y in d.train]
+        batches = [(x.numpy(), y.numpy()) for x, y in epoch(d, 0)]
         assert len(batches) == 10 // 4
         for x, y in batches:
             assert_p_by_k(y, 2, 2)
@@ -447,7 +452,7 @@ def test_metric_tfds_mocked(name, n_train_classes, n_classes):
         x, y = arrays(d.test)
         np.testing.assert_array_equal(y, test - n_train_classes)
         assert x.shape == (len(test), 16, 16, 3) and np.isfinite(x).all()
-        batches = [y.numpy() for _, y in d.train]
+        batches = [y.numpy() for _, y in epoch(d, 0)]
         assert len(batches) == len(train) // 4
         for y in batches:
             assert_p_by_k(y, 2, 2)
@@ -465,10 +470,10 @@ def test_metric_errors():
 
 
 def test_metric_batches_do_not_depend_on_caching(digits_metric, monkeypatch):
-    cached = arrays(data.load(metric_config(seed=0)).train)
+    cached = arrays(epoch(data.load(metric_config(seed=0)), 0))
     monkeypatch.setattr(data.pipelines, "CACHE_BYTES", 0)  # decode at every use
     uncached = data.load(metric_config(seed=0))
-    for u, v in zip(cached, arrays(uncached.train)):
+    for u, v in zip(cached, arrays(epoch(uncached, 0))):
         np.testing.assert_array_equal(u, v)
     for u, v in zip(arrays(digits_metric.train_plain), arrays(uncached.train_plain)):
         np.testing.assert_array_equal(u, v)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ke_tf import config as C, execution, multi_worker
+from ke_tf import config as C, distribution, rules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny run with random masks re-drawn every generation (WELS-Rand) and reset draws: 40 digits,
@@ -38,8 +38,8 @@ SCRIPT = textwrap.dedent("""
                                                          tf.config.LogicalDeviceConfiguration()])
     main.FLAGS(["worker"] + json.loads(sys.argv[1]))
     cfg = main.config_from_flags(main.flag_values())
-    from ke_tf import execution
-    execution.strategy(cfg)  # first: MultiWorkerMirroredStrategy precedes every other op
+    from ke_tf import distribution
+    distribution.strategy(cfg)  # first: MultiWorkerMirroredStrategy precedes every other op
     from ke_tf.generations import GenerationRunner
     from ke_tf.hooks import Hook
     out = {"losses": [], "starts": []}
@@ -73,14 +73,14 @@ def tf_config(ports, index, job="worker", chief=None):
 
 
 def test_tf_config_gives_the_cluster_and_the_chief():
-    two = execution.cluster_from_env({"TF_CONFIG": tf_config([1000, 1001], 1)})
+    two = distribution.cluster_from_env({"TF_CONFIG": tf_config([1000, 1001], 1)})
     assert (two.task_type, two.task_index, two.num_workers, two.is_chief) == ("worker", 1, 2, False)
-    assert execution.cluster_from_env({"TF_CONFIG": tf_config([1000, 1001], 0)}).is_chief
+    assert distribution.cluster_from_env({"TF_CONFIG": tf_config([1000, 1001], 0)}).is_chief
     # with a "chief" job, the chief is that task and worker 0 is not
     with_chief = {"TF_CONFIG": tf_config([1000], 0, chief=999)}
-    assert not execution.cluster_from_env(with_chief).is_chief
-    assert execution.cluster_from_env({"TF_CONFIG": tf_config([1000], 0, "chief", 999)}).is_chief
-    assert execution.cluster_from_env(with_chief).num_workers == 2
+    assert not distribution.cluster_from_env(with_chief).is_chief
+    assert distribution.cluster_from_env({"TF_CONFIG": tf_config([1000], 0, "chief", 999)}).is_chief
+    assert distribution.cluster_from_env(with_chief).num_workers == 2
 
 
 @pytest.mark.parametrize("value, message", [
@@ -101,24 +101,24 @@ def test_tf_config_gives_the_cluster_and_the_chief():
 ])
 def test_a_bad_tf_config_is_a_usage_error_naming_it(value, message):
     with pytest.raises(C.ConfigError, match="--strategy=multi_worker") as err:
-        execution.cluster_from_env({} if value is None else {"TF_CONFIG": value})
+        distribution.cluster_from_env({} if value is None else {"TF_CONFIG": value})
     assert message in str(err.value) and "TF_CONFIG" in str(err.value)
 
 
 def test_only_the_chief_writes_under_multi_worker(monkeypatch):
     cfg = C.RunConfig(strategy="multi_worker")
     monkeypatch.setenv("TF_CONFIG", tf_config([1000, 1001], 1))
-    assert not execution.is_chief(cfg)
-    assert execution.is_chief(C.RunConfig(strategy="mirrored"))  # one process: it writes
+    assert not distribution.is_chief(cfg)
+    assert distribution.is_chief(C.RunConfig(strategy="mirrored"))  # one process: it writes
     monkeypatch.setenv("TF_CONFIG", tf_config([1000, 1001], 0))
-    assert execution.is_chief(cfg)
+    assert distribution.is_chief(cfg)
 
 
 def test_the_global_batch_must_divide_by_the_replicas():
     def check(batch, replicas, **train):
         cfg = C.RunConfig(data=C.DataConfig(batch_size=batch), train=C.TrainConfig(**train),
                           strategy="multi_worker")
-        execution.check_global_batch(cfg, replicas, workers=2)
+        rules.check_replicas(cfg, replicas, workers=2)
 
     check(20, 2), check(24, 4), check(20, 2, regularizer="cskd")
     with pytest.raises(C.ConfigError, match=r"--batch_size must divide by the 2 replicas of "
@@ -132,10 +132,10 @@ def test_the_global_batch_must_divide_by_the_replicas():
 def test_cskd_batches_give_each_replica_its_anchors_then_their_partners():
     labels = tf.constant([0, 1, 2, 3, 0, 1, 2, 3])  # anchors of 4 classes, then their partners
     images = tf.range(8)
-    shuffled, ordered = multi_worker.replica_pairs(images, labels, replicas=2)
+    shuffled, ordered = distribution.replica_pairs(images, labels, replicas=2)
     assert ordered.numpy().tolist() == [0, 1, 0, 1, 2, 3, 2, 3]  # replica 0 | replica 1
     assert shuffled.numpy().tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
-    _, one = multi_worker.replica_pairs(images, labels, replicas=1)
+    _, one = distribution.replica_pairs(images, labels, replicas=1)
     assert one.numpy().tolist() == labels.numpy().tolist()
 
 
@@ -145,7 +145,7 @@ def test_predict_on_one_worker_is_keras_predict():
     net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     data = tf.data.Dataset.from_tensor_slices((np.arange(21, dtype="float32").reshape(7, 3),
                                                np.zeros(7))).batch(3)
-    np.testing.assert_allclose(multi_worker.predict(net, data), net.predict(data, verbose=0),
+    np.testing.assert_allclose(distribution.predict(net, data), net.predict(data, verbose=0),
                                rtol=1e-6)
 
 

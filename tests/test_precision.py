@@ -10,9 +10,9 @@ import warnings
 import pytest
 
 import conftest
-from ke_tf import config as C, cpu, execution
+from ke_tf import config as C, cpu, precision
 from ke_tf.cpu import CpuInfo, cpu_info
-from ke_tf.execution import decide_precision
+from ke_tf.precision import decide_precision
 
 # First processor blocks of /proc/cpuinfo (flags abridged to what matters, plus neighbours).
 INTEL_AMX = """processor\t: 0
@@ -182,8 +182,8 @@ def test_onednn_is_turned_on_for_avx2_cpus_without_avx512_unless_the_user_chose(
 def test_the_command_line_decides_onednn_before_tensorflow_starts():
     """`import ke_tf.cli` (every entry point's first import) sets TF_ENABLE_ONEDNN_OPTS before
     TensorFlow reads it: TensorFlow then runs oneDNN exactly when this CPU should."""
-    probe = ("import os, ke_tf.cli; from ke_tf import execution; "
-             "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), execution.onednn_enabled())")
+    probe = ("import os, ke_tf.cli; from ke_tf import precision; "
+             "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), precision.onednn_enabled())")
     expected = cpu.onednn_default(cpu.this_cpu(), {})
     for user, want in ((None, expected), ("0", "0")):
         env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
@@ -197,23 +197,23 @@ def test_the_command_line_decides_onednn_before_tensorflow_starts():
 
 
 def test_precision_policy_warns_once_a_process(monkeypatch):
-    monkeypatch.setattr(execution, "this_cpu", lambda: cpu_info(AMD_ZEN2))
-    monkeypatch.setattr(execution, "onednn_enabled", lambda: False)
-    monkeypatch.setattr(execution, "bf16_probe", Probe(4.2))
-    monkeypatch.setattr(execution, "_warned", set())
+    monkeypatch.setattr(precision, "this_cpu", lambda: cpu_info(AMD_ZEN2))
+    monkeypatch.setattr(precision, "onednn_enabled", lambda: False)
+    monkeypatch.setattr(precision, "bf16_probe", Probe(4.2))
+    monkeypatch.setattr(precision, "_warned", set())
     cfg = C.RunConfig(mixed_precision="auto")
-    with pytest.warns(execution.PrecisionWarning, match="4.20x"):
-        assert execution.precision_policy(cfg) == "float32"
+    with pytest.warns(precision.PrecisionWarning, match="4.20x"):
+        assert precision.precision_policy(cfg) == "float32"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert execution.precision_policy(cfg) == "float32"  # no second warning
-        assert execution.precision_policy(C.RunConfig(mixed_precision="force")) == (
+        assert precision.precision_policy(cfg) == "float32"  # no second warning
+        assert precision.precision_policy(C.RunConfig(mixed_precision="force")) == (
             "mixed_bfloat16")
-        assert execution.precision_policy(C.RunConfig()) == "float32"
+        assert precision.precision_policy(C.RunConfig()) == "float32"
 
 
 def test_the_real_probe_returns_a_positive_ratio():
-    ratio = execution.bf16_probe(0.05)
+    ratio = precision.bf16_probe(0.05)
     assert math.isfinite(ratio) and ratio > 0
 
 
@@ -258,12 +258,12 @@ def test_a_run_on_a_cpu_without_bfloat16_units_trains_float32_and_says_why(tmp_p
                                                                              monkeypatch):
     from ke_tf.generations import GenerationRunner
 
-    monkeypatch.setattr(execution, "this_cpu", lambda: cpu_info(AMD_ZEN2))
-    monkeypatch.setattr(execution, "bf16_probe", Probe(5.0))
-    monkeypatch.setattr(execution, "_warned", set())
+    monkeypatch.setattr(precision, "this_cpu", lambda: cpu_info(AMD_ZEN2))
+    monkeypatch.setattr(precision, "bf16_probe", Probe(5.0))
+    monkeypatch.setattr(precision, "_warned", set())
     cfg = conftest.tiny_config(tmp_path, mixed_precision="auto", export=False,
                                train=dict(generations=1))
-    with pytest.warns(execution.PrecisionWarning, match="AMD EPYC 7B12"):
+    with pytest.warns(precision.PrecisionWarning, match="AMD EPYC 7B12"):
         runner = GenerationRunner(cfg, verbose=False)
     conv = runner.network.get_layer("conv1")
     assert (conv.compute_dtype, conv.variable_dtype) == ("float32", "float32")

@@ -13,7 +13,7 @@ image (all threads; `time.process_time`), which a busy machine changes far less:
 With `--json` the last stdout line is one JSON object holding the keys of `REQUIRED_KEYS`
 (always numbers) and of `META_KEYS` (`cpu`: the model name; `cpu_flags`: {flag: present} for
 `CPU_FLAGS`; `threads`; `onednn`: TensorFlow's oneDNN kernels on; `load_average`: the 1-minute
-load at the start and the end; `bf16_probe`: ke_tf.execution.bf16_probe's bfloat16/float32 CPU
+load at the start and the end; `bf16_probe`: ke_tf.precision.bf16_probe's bfloat16/float32 CPU
 time; `mixed_precision_auto`: the policy the bare --mixed_precision picks here;
 `torch_wait_policy` with `--torch_python`), plus `train_cpu_ms_per_image[_bf16]`, the torch
 reference (`torch_images_per_s[_bf16]`, `torch_cpu_ms_per_image[_bf16]`, `vs_torch_fp32`,
@@ -31,7 +31,7 @@ What is measured:
     autocast bfloat16); vs_torch_*_cpu_time: torch's CPU time per image over KE's (above 1: KE
     needs less CPU per image), both medians of per-pair ratios.
   ke_vs_plain_throughput: that KE step vs plain `keras.Model.fit` of the same network.
-  reinit_seconds_resnet50: reinit.reset (KELS s=0.5) + restart_optimizer + schedule restart of a
+  reinit_seconds_resnet50: reinit.reset (KELS s=0.5) + model.restart + schedule restart of a
     ResNet50 (224 px, 1000 classes) with a built optimizer.
   gen2_first_epoch_vs_steady: the digits default (ResNet18 x0.25, 32 px, batch 25, 400 in-memory
     images) trained by the real GenerationRunner, its epochs timed by a hook (checkpoints/last
@@ -117,12 +117,23 @@ def _train_batch(size, batch, classes, seed=0):
             rng.integers(0, classes, batch).astype("int32"))
 
 
+def _ke_config(s, jit_compile=False):
+    """The RunConfig of the benchmark's KE training: s's network, SGD lr 0.1 with momentum 0.9
+    and coupled weight decay 1e-4, plain cross entropy."""
+    from ke_tf import config as C
+
+    return C.RunConfig(data=C.DataConfig(image_size=s["size"]),
+                       model=C.ModelConfig(arch=s["arch"], stem=s.get("stem"),
+                                           width_multiplier=s["width"]),
+                       train=C.TrainConfig(lr=0.1, weight_decay=1e-4), jit_compile=jit_compile)
+
+
 def _build_trainer(s, kind, policy="float32", jit_compile=False):
-    """A compiled model training s["arch"]: kind "ke" (KEModel, its coupled weight decay) or
-    "plain" (the functional network's own Model.fit)."""
+    """A compiled model training s["arch"]: kind "ke" (the runner's KEModel,
+    `ke_tf.model.compile_ke_model`) or "plain" (the functional network's own Model.fit)."""
     import keras
     from ke_tf import losses, networks
-    from ke_tf.model import KEModel
+    from ke_tf.model import compile_ke_model
 
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(policy)
@@ -131,12 +142,11 @@ def _build_trainer(s, kind, policy="float32", jit_compile=False):
                              width_multiplier=s["width"])
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    model = net
     if kind == "ke":
-        model = KEModel(net, weight_decay=1e-4)
-    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-                  loss=losses.SparseCrossEntropy(), jit_compile=jit_compile)
-    return model
+        return compile_ke_model(net, _ke_config(s, jit_compile), s["classes"])
+    net.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                loss=losses.SparseCrossEntropy(), jit_compile=jit_compile)
+    return net
 
 
 def _fit_rate(model, dataset, batch, warmup, steps, cpu=False):
@@ -244,27 +254,25 @@ def bench_train(s, pairs, torch_python=None, xla=False, torch_script=TORCH_SCRIP
 
 def bench_reinit(s, pairs):
     import keras
-    from ke_tf import losses, masks, networks, reinit
-    from ke_tf.model import KEModel, LearningRateSchedule, restart_optimizer
+    from ke_tf import internals, masks, networks, reinit
+    from ke_tf.model import LearningRateSchedule, compile_ke_model, restart
 
     net = networks.build(s["arch"], s["classes"], s["size"], stem="imagenet",
                          width_multiplier=s["width"])
     m = masks.compute(net, "kels", 0.5, seed=0)
-    model = KEModel(net, weight_decay=1e-4)
-    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-                  loss=losses.SparseCrossEntropy())
+    model = compile_ke_model(net, _ke_config(dict(s, stem="imagenet")), s["classes"])
     optimizer = model.optimizer
     optimizer.build(model.trainable_variables)
     schedule = LearningRateSchedule(0.1, epochs=10, warmup_epochs=2)
     schedule.set_model(model)
     seconds = []
     for g in range(1, pairs + 1):
-        for v in optimizer.momentums:  # a used optimizer at the end of generation g
+        for v in internals.sgd_momentums(optimizer):  # used, at the end of generation g
             v.assign(keras.ops.ones(v.shape, v.dtype))
         optimizer.learning_rate.assign(0.001)
         start = time.perf_counter()
-        reinit.reset(net, m, seed=(0, g))
-        restart_optimizer(optimizer)
+        reinit.reset(net, m, seed=(0, g))  # KE's rule between generations (Eq. 1)
+        restart(model)  # what the runner does when a generation starts
         schedule.on_epoch_begin(0)
         seconds.append(time.perf_counter() - start)
     log(f"reinit {s['arch']}: " + ", ".join(f"{t:.3f}" for t in seconds) + " s")
@@ -520,7 +528,7 @@ def profile_train(s, policy, steps=8, top=20):
     import tempfile
 
     import tensorflow as tf
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    from ke_tf import internals
 
     model = _build_trainer(s, "ke", policy=policy)
     x, y = _train_batch(s["size"], s["batch"], s["classes"])
@@ -530,9 +538,8 @@ def profile_train(s, policy, steps=8, top=20):
     tf.profiler.experimental.start(logdir)
     rate = _fit_rate(model, dataset, s["batch"], 1, steps)
     tf.profiler.experimental.stop()
-    space = xplane_pb2.XSpace()
     with open(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)[0], "rb") as f:
-        space.ParseFromString(f.read())
+        space = internals.xplane_space(f.read())
     by_type = collections.Counter()
     skip = re.compile(r"PartitionedCall|^While|^If|^__inference|Identity$|^NoOp$|^_Recv|^_Send")
     for plane in space.planes:
@@ -662,17 +669,17 @@ def main(argv=None):
 def machine():
     """The META_KEYS that describe this machine's CPU: `cpu` (model name, family, model),
     `cpu_flags` ({flag: present} for CPU_FLAGS), `onednn`, `bf16_probe` and
-    `mixed_precision_auto` (`execution.precision_policy` of the bare --mixed_precision)."""
+    `mixed_precision_auto` (`precision.precision_policy` of the bare --mixed_precision)."""
     import warnings
 
-    from ke_tf import config, execution
+    from ke_tf import config, precision
 
-    cpu, probe = execution.this_cpu(), execution.bf16_probe()
+    cpu, probe = precision.this_cpu(), precision.bf16_probe()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", execution.PrecisionWarning)
-        policy = execution.precision_policy(config.RunConfig(mixed_precision="auto"))
+        warnings.simplefilter("ignore", precision.PrecisionWarning)
+        policy = precision.precision_policy(config.RunConfig(mixed_precision="auto"))
     return {"cpu": cpu.name(), "cpu_flags": {f: f in cpu.flags for f in CPU_FLAGS},
-            "onednn": execution.onednn_enabled(),
+            "onednn": precision.onednn_enabled(),
             "bf16_probe": probe if math.isfinite(probe) else None,  # None: bfloat16 fails here
             "mixed_precision_auto": policy}
 

@@ -3,12 +3,12 @@
     TF_CONFIG=... python tools/multi_worker_step.py --strategy=multi_worker   # one worker
     python tools/multi_worker_step.py --strategy=none                         # one process
 
-Trains the digits default's network (ResNet18 x0.25, small stem, 32 px, 10 classes; KEModel,
-SGD momentum 0.9, coupled weight decay) on one in-memory global batch of `--batch` images for
+Trains the digits default's network (ResNet18 x0.25, small stem, 32 px, 10 classes; the KEModel of
+`ke_tf.model.compile_ke_model` with the digits preset's lr and decay) on one in-memory global batch of `--batch` images for
 `--warmup` + `--steps` steps and prints one JSON line: `step_ms` (wall milliseconds a step over
 the timed steps) and `cpu_ms` (this process's CPU milliseconds a step). Under
 `--strategy=multi_worker` the global batch is split over the workers of TF_CONFIG, BatchNorm is
-synchronized and the steps run through `ke_tf.multi_worker.fit`, as `python -m ke_tf.main
+synchronized and the steps run through `ke_tf.distribution.fit`, as `python -m ke_tf.main
 --strategy=multi_worker` trains; under `none`, through Keras's `fit`. Threads: the environment's
 (TF_NUM_INTRAOP_THREADS, TF_NUM_INTEROP_THREADS), set by the benchmark.
 """
@@ -30,24 +30,24 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
-    from ke_tf import config as C, execution
+    from ke_tf import config as C, distribution
 
     cfg = C.RunConfig(data=C.DataConfig(dataset="digits", image_size=args.size,
                                         batch_size=args.batch),
+                      model=C.ModelConfig(width_multiplier=args.width),
+                      train=C.TrainConfig(lr=0.05, weight_decay=5e-4, regularizer="smooth"),
                       strategy=args.strategy)
-    strategy = execution.strategy(cfg)  # first: MultiWorkerMirroredStrategy precedes every op
+    strategy = distribution.strategy(cfg)  # first: MultiWorkerMirroredStrategy precedes every op
     import keras
     import tensorflow as tf
 
-    from ke_tf import model as model_lib, multi_worker, networks
+    from ke_tf import model as model_lib, networks
 
     with strategy.scope():
         keras.utils.set_random_seed(0)
-        network = networks.build("resnet18", 10, args.size, width_multiplier=args.width)
-        execution.synchronize_batchnorm(cfg, network)
-        model = model_lib.KEModel(network, weight_decay=5e-4)
-        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9, name="sgd"),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        network = networks.from_config(cfg, 10)
+        distribution.synchronize_batchnorm(cfg, network)
+        model = model_lib.compile_ke_model(network, cfg, 10)
     x = tf.random.stateless_uniform((args.batch, args.size, args.size, 3), (1, 2))
     y = tf.random.stateless_uniform((args.batch,), (3, 4), maxval=10, dtype=tf.int32)
     dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
@@ -58,8 +58,8 @@ def main(argv=None) -> int:
             stamps.append((time.perf_counter(), time.process_time()))
 
     steps = args.warmup + args.steps
-    if multi_worker.is_multi_worker(strategy):
-        multi_worker.fit(model, dataset, steps_per_epoch=steps, initial_epoch=0, epochs=1,
+    if distribution.is_multi_worker(strategy):
+        distribution.fit(model, dataset, steps_per_epoch=steps, initial_epoch=0, epochs=1,
                          callbacks=[Clock()])
     else:
         model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[Clock()])

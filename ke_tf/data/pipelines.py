@@ -64,15 +64,6 @@ class Data:
     val: Optional[tf.data.Dataset]
     test: tf.data.Dataset
 
-    def epoch(self, e: int) -> tf.data.Dataset:
-        """The training batches of epoch `e` (0-based, counted over the whole run)."""
-        return self.train_from(e).take(self.steps_per_epoch)
-
-    @property
-    def train(self) -> tf.data.Dataset:
-        """The training batches of the first epoch."""
-        return self.epoch(0)
-
 
 def load(cfg: DataConfig) -> Data:
     """The four pipelines of `cfg.dataset`; raises DataError (or ConfigError) on bad input."""

@@ -30,6 +30,15 @@ def classifier_for(loss):
     return "cosine" if loss == "adacos" else "linear"
 
 
+def from_config(config, num_classes):
+    """The network of a run's `ke_tf.config.RunConfig` (--arch, --stem, --width_multiplier, the
+    task's head, the loss's classifier) for its --image_size and `num_classes`."""
+    m = config.model
+    return build(m.arch, num_classes, config.data.image_size, stem=m.stem, head=m.head,
+                 embedding_dim=m.embedding_dim, width_multiplier=m.width_multiplier,
+                 classifier=classifier_for(config.train.loss))
+
+
 def default_stem(image_size):
     """"small" (3x3/1 conv, no max-pool) for images <= 64 px, else "imagenet"."""
     return "small" if image_size <= 64 else "imagenet"
