@@ -23,6 +23,6 @@ setup(
         "scikit-learn==1.9.1",
         "matplotlib==3.11.2",  # tools/plot_generations.py
     ],
-    extras_require={"test": ["pytest==9.2.0"]},
+    extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0"]},
     entry_points={"console_scripts": ["ke-tf=ke_tf.main:run"]},
 )

@@ -12,6 +12,20 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+# Module fixtures that train networks or start processes: the tests using one run on the same
+# xdist worker (pytest.ini: --dist loadgroup), so each is computed once.
+SHARED_FIXTURES = ("reference", "runs", "trained", "digits_run", "adacos_run", "cli_run",
+                   "digits", "digits_metric")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{shared[0]}"))
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: starts Python processes (the CLI, tools, killed and resumed runs); "
@@ -85,6 +99,31 @@ def image_folder(root, classes=("cat", "dog", "owl"), sizes=(("train", 6), ("tes
                 img = rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)
                 (d / f"{i}.png").write_bytes(tf.io.encode_png(img).numpy())
     return root
+
+
+def cli_in_process(entry, args, capsys):
+    """A command line run in this process (no second TensorFlow start: seconds saved per run):
+    `entry(argv)` is the program's `run` (e.g. `ke_tf.export.run`) or, for `python -m
+    ke_tf.main`, `lambda argv: cli.run(main.main, argv)`. Returns (exit status, stdout,
+    stderr); absl's flags are reset before and after. What only a real process shows (the
+    native start-up noise filtered, the console script) is tested with subprocesses."""
+    from absl import flags
+
+    flags.FLAGS.unparse_flags()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            entry(["prog"] + list(args))
+    finally:
+        flags.FLAGS.unparse_flags()
+    out = capsys.readouterr()
+    return exited.value.code or 0, out.out, out.err
+
+
+def ke_main_in_process(args, capsys):
+    """`python -m ke_tf.main ARGS` in this process (`cli_in_process`)."""
+    from ke_tf import cli, main
+
+    return cli_in_process(lambda argv: cli.run(main.main, argv), args, capsys)
 
 
 @pytest.fixture

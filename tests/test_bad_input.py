@@ -1,12 +1,12 @@
-"""Bad input, each case through the real command line: exit status 2, one message naming the flag
-or file, no traceback, nothing written. The README's bad-input table shows every message; this
+"""Bad input, each case through the command line (run in this process: `conftest.cli_in_process`):
+exit status 2, one message naming the flag or file, no traceback, nothing written. The README's bad-input table shows every message; this
 test keeps the two in step."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+
+import conftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image_size=16", "--width_multiplier=0.0625", "--generations=1", "--epochs=1",
@@ -78,9 +78,9 @@ CASES = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_exits_2_names_the_problem_and_writes_nothing(case, tmp_path):
+def test_bad_input_exits_2_names_the_problem_and_writes_nothing(case, tmp_path, capsys,
+                                                                 monkeypatch):
     args, message = CASES[case]
     tmp = str(tmp_path)
     paths = {"tmp": tmp}
@@ -93,11 +93,12 @@ def test_bad_input_exits_2_names_the_problem_and_writes_nothing(case, tmp_path):
     args = [a.format(**paths) for a in args]
     if not any(a.startswith("--run_dir=") for a in args):
         args.append(f"--run_dir={tmp}/run")
-    proc = subprocess.run([sys.executable, "-m", "ke_tf.main"] + TINY + args, cwd=tmp,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr
-    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    monkeypatch.chdir(tmp)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    code, _, err = conftest.ke_main_in_process(TINY + args, capsys)
+    assert code == 2, err
+    assert message in err
+    assert err.startswith("error: ") and "Traceback" not in err
     assert sorted(os.listdir(tmp)) == before  # nothing written: no run directory, no file
     with open(os.path.join(ROOT, "README.md")) as f:
         assert message in f.read().replace("\\|", "|"), f"the README lacks: {message}"

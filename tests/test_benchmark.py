@@ -45,15 +45,29 @@ def _check_meta(result, threads):
     assert result["mixed_precision_auto"] in ("float32", "mixed_bfloat16", "mixed_float16")
 
 
-def test_quick_json_line_has_the_required_finite_numbers_the_cpu_and_cpu_times():
+# What each part of the benchmark measures (--only=PART): every part runs, in one of two
+# processes (xdist runs them at once), and measures its numbers; the others are 0.
+PARTS = {"train": {"train_images_per_s", "train_images_per_s_bf16", "ke_vs_plain_throughput",
+                   "train_cpu_ms_per_image", "train_cpu_ms_per_image_bf16"},
+         "reinit": {"reinit_seconds_resnet50"}, "gen2": {"gen2_first_epoch_vs_steady"},
+         "slim": {"slim_vs_dense_latency_b1", "slim_vs_dense_latency_b32"},
+         "pipeline": {"pipeline_vs_model", "peak_rss_mb"}}
+
+
+@pytest.mark.parametrize("parts", ["train,reinit,gen2", "slim,pipeline"])
+def test_quick_json_line_has_the_required_finite_numbers_the_cpu_and_cpu_times(parts):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--quick",
-                          "--json"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          "--json", f"--only={parts}"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(result) == REQUIRED | META | CPU_TIME
+    assert set().union(*PARTS.values()) == REQUIRED | CPU_TIME
     for key in REQUIRED | CPU_TIME:
         assert _number(result[key]), key
-    assert result["train_cpu_ms_per_image"] > 0
+    for part in parts.split(","):
+        for key in PARTS[part]:
+            assert result[key] > 0, key  # measured
     _check_meta(result, os.cpu_count())
 
 

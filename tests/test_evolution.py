@@ -166,22 +166,26 @@ def run_cli(args, cwd):
                           capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.slow
-def test_keras_mobilenetv2_through_the_command_line(tmp_path):
+def test_keras_mobilenetv2_through_the_command_line(tmp_path, capsys):
+    """--arch=keras:MobileNetV2 through the command line and `python -m ke_tf.export` (both run
+    in this process, `conftest.cli_in_process`), on 2 training digits a class."""
+    from ke_tf import export
+
     run_dir = tmp_path / "run"
-    proc = run_cli(["--arch=keras:MobileNetV2", "--generations=2", "--epochs=1",
-                    "--warmup_epochs=0", "--batch_size=20", "--quiet", f"--run_dir={run_dir}"],
-                   cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, _, err = conftest.ke_main_in_process(
+        ["--arch=keras:MobileNetV2", "--generations=2", "--epochs=1", "--warmup_epochs=0",
+         "--batch_size=20", "--digits_per_class=2", "--recal_images=20", "--quiet",
+         f"--run_dir={run_dir}"], capsys)
+    assert code == 0, err[-2000:]
     with open(run_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["net"] for r in rows] == ["dense", "slim", "slim_recal"] * 2
     assert int(rows[1]["params"]) < int(rows[0]["params"])
     assert (run_dir / "export" / "slim" / "saved_model.pb").is_file()
-    exported = subprocess.run([sys.executable, "-m", "ke_tf.export", str(run_dir),
-                               "--format=keras", "--net=slim"], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600)
-    assert exported.returncode == 0, exported.stderr[-2000:]
+    code, _, err = conftest.cli_in_process(export.run, [str(run_dir), "--format=keras",
+                                                        "--net=slim"], capsys)
+    assert code == 0, err[-2000:]
+    assert (run_dir / "export" / "slim.keras").is_file()
 
 
 @pytest.mark.slow

@@ -41,13 +41,7 @@ def load_networks(trained):
 
 def run_cli(args, capsys):
     """`python -m ke_tf.export ARGS` in this process: (exit status, stdout, stderr)."""
-    from absl import flags
-
-    flags.FLAGS.unparse_flags()
-    with pytest.raises(SystemExit) as exited:
-        export.run(["ke_tf.export"] + list(args))
-    out = capsys.readouterr()
-    return exited.value.code or 0, out.out, out.err
+    return conftest.cli_in_process(export.run, args, capsys)
 
 
 def reported(stdout, path):
@@ -124,18 +118,18 @@ def cli_subprocess(args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("args,named", [
     ([], "RUN_DIR"),
     (["no/such/run"], "no/such/run"),
     (["empty"], "empty"),  # a directory without a run or checkpoint
     (["empty", "--format=onnx"], "format"),
 ])
-def test_bad_usage_exits_2(tmp_path, args, named):
+def test_bad_usage_exits_2(tmp_path, args, named, capsys, monkeypatch):
     (tmp_path / "empty").mkdir()
-    proc = cli_subprocess(args, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    assert named in proc.stderr and "Traceback" not in proc.stderr
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(args, capsys)
+    assert code == 2, err
+    assert named in err and "Traceback" not in err
     assert os.listdir(tmp_path / "empty") == []
 
 
