@@ -12,20 +12,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
-# Module fixtures that train networks or start processes: the tests using one run on the same
-# xdist worker (pytest.ini: --dist loadgroup), so each is computed once.
-SHARED_FIXTURES = ("reference", "runs", "trained", "digits_run", "adacos_run", "cli_run",
-                   "digits", "digits_metric")
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}.{shared[0]}"))
-
-
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: starts Python processes (the CLI, tools, killed and resumed runs); "
