@@ -7,22 +7,38 @@ setup(
     description="Knowledge Evolution: train deep networks on small datasets, get a dense and a slim net.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["ke_tf", "ke_tf.*"]),
-    install_requires=[
-        "tensorflow==2.21.0",
-        "keras==3.15.1",
-        # TensorFlow 2.21 no longer depends on it; tf.summary.text/histogram need it.
-        "tensorboard==2.21.0",
-        "tensorflow-datasets==4.9.10",
-        # tensorflow-datasets 4.9.x imports it for downloads without declaring it.
-        "importlib_resources==7.1.0",
-        "absl-py==2.5.1",
-        "requests==2.34.2",  # ke_tf.data checks a dataset's servers before tfds retries for minutes
-        "numpy==2.4.6",
-        "scikit-learn==1.9.1",
-        "matplotlib==3.11.2",  # tools/plot_generations.py
+    # Every Python TensorFlow 2.21 ships wheels for; CI runs the oldest and the newest (.ci/run).
+    python_requires=">=3.10,<3.14",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+        "Operating System :: POSIX :: Linux",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
-    extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0"]},
+    packages=find_packages(include=["ke_tf", "ke_tf.*"]),
+    # The paper presets: ke_tf/flags is a link to the repository's flags/, their one source.
+    package_data={"ke_tf": ["flags/*.flags"]},
+    # Compatible ranges. Lower bounds: the versions CI's oldest leg installs and tests
+    # (.ci/lowest.txt, Python 3.10); upper bounds: the next release that may change an API used
+    # here (ke_tf/internals.py reaches into Keras and TensorFlow; CI's newest leg, Python 3.13,
+    # installs the newest allowed). The exact tested set of the README's commands: constraints.txt.
+    install_requires=[
+        "tensorflow>=2.21.0,<2.22",
+        "keras>=3.12.0,<3.16",
+        # TensorFlow 2.21 no longer depends on it; tf.summary.text/histogram need it.
+        "tensorboard>=2.20.0,<2.22",
+        "tensorflow-datasets>=4.9.8,<4.10",
+        # tensorflow-datasets 4.9.x imports it for downloads without declaring it.
+        "importlib_resources>=6.4.0",
+        "absl-py>=2.1.0,<3",
+        "requests>=2.31.0,<3",  # ke_tf.data checks a dataset's servers before tfds retries for minutes
+        "numpy>=1.26.4,<3",
+        "scikit-learn>=1.5.2,<2",
+        "matplotlib>=3.8.4,<4",  # tools/plot_generations.py
+    ],
+    extras_require={"test": ["pytest>=8.3.5,<10", "pytest-xdist>=3.8.0,<4"]},
     entry_points={"console_scripts": ["ke-tf=ke_tf.main:run"]},
 )

@@ -74,10 +74,18 @@ def _parse_flags(argv: List[str]) -> List[str]:
 
 
 def run(main: Callable[[List[str]], None], argv: List[str] | None = None,
-        positional: Sequence[str] = ()) -> None:
+        positional: Sequence[str] = (),
+        prepare: Callable[[List[str]], List[str]] | None = None) -> None:
     """`absl.app.run(main)` where flag errors and ConfigError exit 2 with one clear line.
     `positional`: the names of the positional arguments `main` takes (none by default); `main`
-    gets them as `args[1:]`, and a missing or extra one exits 2."""
+    gets them as `args[1:]`, and a missing or extra one exits 2. `prepare` rewrites argv before
+    the flags are parsed (`--preset`); its ConfigError exits 2 too."""
+    if prepare is not None:
+        try:
+            argv = prepare(list(sys.argv if argv is None else argv))
+        except ConfigError as err:
+            sys.stderr.write(f"error: {err}\n")
+            sys.exit(USAGE_ERROR)
 
     def guarded(args: List[str]) -> None:
         if len(args) > 1 + len(positional):

@@ -2,7 +2,8 @@
 
     python -m ke_tf.main                                   # embedded digits, minutes on a CPU
     python -m ke_tf.main --dataset=stanford_dogs           # the paper's settings (Table 2)
-    python -m ke_tf.main --flagfile=flags/table2_flower102_smth.flags
+    python -m ke_tf.main --preset=table2_flower102_smth   # a paper preset, from any directory
+    ke-tf --flagfile=flags/table2_flower102_smth.flags      # the same file, from the checkout
 
 The flags are defined here and turned once into a frozen `RunConfig`; nothing below reads them.
 Every default is `ke_tf.config`'s (the paper's, sec. 4.1) or, for the flags left at None, the
@@ -74,7 +75,7 @@ flags.DEFINE_boolean("fix_reset_seed", D["fix_reset_seed"], "The same random res
 flags.DEFINE_enum("reset_init", D["reset_init"], C.RESET_INITS, "Reset draws from the layer's own "
                   "initializer, or PyTorch's default.", module_name=SPLIT)
 
-flags.DEFINE_enum("method", D["method"], C.METHODS, "ke, or a method KE is compared with (README: "
+flags.DEFINE_enum("method", D["method"], C.METHODS, "ke, or a method KE is compared with (docs/guide.md: "
                   "Methods to compare with).", module_name=METHOD)
 flags.DEFINE_enum("loss", D["loss"], C.LOSSES, "ce (cross entropy on logits) or adacos (cosine "
                   "logits, adaptive scale; combines with any --method).", module_name=METHOD)
@@ -179,6 +180,10 @@ flags.DEFINE_boolean("export", D["export"], "Export the last generation's networ
                      module_name=RUN)
 flags.DEFINE_boolean("quiet", False, "No progress bars or tables on the console.",
                      module_name=RUN)
+# Read before parsing (presets.expand_preset turns it into the bundled --flagfile); defined for --help.
+flags.DEFINE_string("preset", None, "A paper preset by name, from any directory: flags/NAME.flags, "
+                    "bundled with the package (e.g. table2_flower102_smth). Explicit flags win.",
+                    module_name="ke_tf presets")
 FLAGS = flags.FLAGS
 
 def config_from_flags(values: dict, notes: Optional[list] = None) -> C.RunConfig:
@@ -224,9 +229,20 @@ def main(argv) -> None:
           + ("" if chief else " (written by the chief)"))
 
 
-def run() -> None:
-    """Console entry point `ke-tf`."""
-    cli.run(main, sys.argv)
+def usage() -> str:
+    """`--help`: what the program does and every flag of a run, by topic (absl's own flags, and
+    TensorFlow's, are left to --helpfull)."""
+    topics = [f"ke_tf {t}" for t in TOPICS] + ["ke_tf presets"]
+    return "\n\n".join([__doc__.strip()] + [FLAGS.module_help(t) for t in topics])
+
+
+def run(argv: Optional[list] = None) -> None:
+    """Console entry point `ke-tf` (and `python -m ke_tf.main`)."""
+    argv = sys.argv if argv is None else argv
+    if {"-h", "-?", "--help", "--helpshort"} & set(argv[1:]):
+        print(usage())
+        sys.exit(0)
+    cli.run(main, argv, prepare=presets.expand_preset)
 
 
 if __name__ == "__main__":

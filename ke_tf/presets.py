@@ -14,6 +14,10 @@
 
 Each takes flat flags ({flag name: value}, as config.json holds them) and returns them, or a
 validated `RunConfig`; an explicit flag always wins.
+
+The paper's experiments are absl flagfiles, `flags/NAME.flags` in the repository, shipped inside
+the package as `ke_tf/flags/` (a link to `flags/` in the checkout: one source): `flagfile(NAME)`
+finds one, and the command line's `--preset=NAME` reads it (`expand_preset`).
 """
 from __future__ import annotations
 
@@ -21,7 +25,9 @@ import os
 from typing import Dict, List, Optional
 
 from ke_tf import rules
-from ke_tf.config import KERAS_ARCH, RunConfig
+from ke_tf.config import KERAS_ARCH, ConfigError, RunConfig
+
+FLAGFILE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "flags")
 
 PAPER: Dict[str, object] = RunConfig().to_flags()  # every default, flat
 
@@ -80,3 +86,34 @@ def paper(**flags) -> RunConfig:
 def digits(**flags) -> RunConfig:
     """The digits preset, e.g. `digits(generations=3, run_dir="runs/try")`."""
     return config(dict(dataset="digits", **flags))
+
+
+def flagfiles() -> Dict[str, str]:
+    """{name: path} of every bundled preset (`flags/NAME.flags`), sorted by name."""
+    names = sorted(f[:-len(".flags")] for f in os.listdir(FLAGFILE_DIR) if f.endswith(".flags"))
+    return {name: os.path.join(FLAGFILE_DIR, f"{name}.flags") for name in names}
+
+
+def flagfile(name: str) -> str:
+    """The path of the bundled preset `name` (with or without `.flags`), from any directory."""
+    found = flagfiles()
+    path = found.get(name[:-len(".flags")] if name.endswith(".flags") else name)
+    if path is None:
+        raise ConfigError(f"--preset={name}: no such preset. The presets are "
+                          f"{', '.join(found)}. Received: preset={name!r}")
+    return path
+
+
+def expand_preset(argv: List[str]) -> List[str]:
+    """argv with `--preset=NAME` (or `--preset NAME`) turned into the bundled flagfile's
+    `--flagfile=PATH`, moved first: an explicit flag wins over the preset wherever it stands."""
+    args, names, rest = list(argv[1:]), [], []
+    while args:
+        arg = args.pop(0)
+        if arg == "--preset" and args:
+            names.append(args.pop(0))
+        elif arg.startswith("--preset="):
+            names.append(arg[len("--preset="):])
+        else:
+            rest.append(arg)
+    return argv[:1] + [f"--flagfile={flagfile(name)}" for name in names] + rest

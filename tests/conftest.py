@@ -3,7 +3,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The tests train 4-8-channel networks, the regime where TensorFlow 2.21's oneDNN CPU kernels can
-# corrupt the heap (an abort on odd batch sizes; README, Limits). Real widths are unaffected and
+# corrupt the heap (an abort on odd batch sizes; docs/performance.md, the oneDNN crash). Real widths are unaffected and
 # the tiny nets run as fast without oneDNN; subprocesses started by tests inherit this.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -90,7 +90,7 @@ def image_folder(root, classes=("cat", "dog", "owl"), sizes=(("train", 6), ("tes
 def cli_in_process(entry, args, capsys):
     """A command line run in this process (no second TensorFlow start: seconds saved per run):
     `entry(argv)` is the program's `run` (e.g. `ke_tf.export.run`) or, for `python -m
-    ke_tf.main`, `lambda argv: cli.run(main.main, argv)`. Returns (exit status, stdout,
+    ke_tf.main`, `ke_tf.main.run`. Returns (exit status, stdout,
     stderr); absl's flags are reset before and after. What only a real process shows (the
     native start-up noise filtered, the console script) is tested with subprocesses."""
     from absl import flags
@@ -107,9 +107,9 @@ def cli_in_process(entry, args, capsys):
 
 def ke_main_in_process(args, capsys):
     """`python -m ke_tf.main ARGS` in this process (`cli_in_process`)."""
-    from ke_tf import cli, main
+    from ke_tf import main
 
-    return cli_in_process(lambda argv: cli.run(main.main, argv), args, capsys)
+    return cli_in_process(main.run, args, capsys)
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Bad input, each case through the command line (run in this process: `conftest.cli_in_process`):
-exit status 2, one message naming the flag or file, no traceback, nothing written. The README's bad-input table shows every message; this
+exit status 2, one message naming the flag or file, no traceback, nothing written. docs/reliability.md's bad-input table shows every message; this
 test keeps the two in step."""
 import os
 
@@ -42,7 +42,7 @@ def metric_folder(root):
     return root
 
 
-# id: (arguments (tmp = the test's directory), message fragment shown in stderr and README)
+# id: (arguments (tmp = the test's directory), message fragment shown in stderr and docs/reliability.md)
 CASES = {
     "out_of_range": (["--split_rate=1.5"], "--split_rate must be in (0, 1]. Received: split_rate=1.5"),
     "below_bound": (["--epochs=0"], "flag --epochs=0: 0 is not a positive integer"),
@@ -100,8 +100,8 @@ def test_bad_input_exits_2_names_the_problem_and_writes_nothing(case, tmp_path, 
     assert message in err
     assert err.startswith("error: ") and "Traceback" not in err
     assert sorted(os.listdir(tmp)) == before  # nothing written: no run directory, no file
-    with open(os.path.join(ROOT, "README.md")) as f:
-        assert message in f.read().replace("\\|", "|"), f"the README lacks: {message}"
+    with open(os.path.join(ROOT, "docs", "reliability.md")) as f:
+        assert message in f.read().replace("\\|", "|"), f"docs/reliability.md lacks: {message}"
 
 
 def test_skip_corrupt_images_leaves_out_and_counts_them(tmp_path):

@@ -1,4 +1,4 @@
-"""Exporting a run's networks: the CLI (SavedModel, TFLite, .keras), safe loading, and the README's
+"""Exporting a run's networks: the CLI (SavedModel, TFLite, .keras), safe loading, and docs/guide.md's
 serving example, against a tiny trained digits run."""
 import os
 import re
@@ -16,7 +16,7 @@ from ke_tf import checkpoint, export
 from ke_tf.generations import GenerationRunner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The README example loads this run directory, relative to the current directory.
+# docs/guide.md's serving example loads this run directory, relative to the current directory.
 RUN_NAME = os.path.join("runs", "digits-resnet18-ke-smooth-s0")
 
 
@@ -141,17 +141,17 @@ def test_cli_process_with_checkpoints(trained):
     assert proc.stdout == f"{path}: {os.path.getsize(path)} bytes\n"
 
 
-def readme_serving_example():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    section = readme.split("### Serving the slim network\n", 1)[1].split("\n## ", 1)[0]
+def guide_serving_example():
+    with open(os.path.join(ROOT, "docs", "guide.md")) as f:
+        guide = f.read()
+    section = guide.split("## Serving the slim network\n", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```py\n(.*?)```", section, re.S).group(1)
 
 
 @pytest.mark.slow
-def test_readme_serving_example(trained, load_networks, tmp_path):
-    """The README's example, verbatim, on an image file of a digit."""
-    export.export_run(trained.run_dir, "saved_model", "slim")  # what the README's command runs
+def test_guide_serving_example(trained, load_networks, tmp_path):
+    """docs/guide.md's example, verbatim, on an image file of a digit."""
+    export.export_run(trained.run_dir, "saved_model", "slim")  # what the guide's command runs
     from sklearn.datasets import load_digits
 
     digit = load_digits().images[-1] / 16.0 * 255.0  # a test image (not among the 40 trained)
@@ -159,7 +159,7 @@ def test_readme_serving_example(trained, load_networks, tmp_path):
     image = tf.image.grayscale_to_rgb(tf.cast(tf.round(image), tf.uint8))
     (trained.root / "digit.png").write_bytes(tf.io.encode_png(image).numpy())
     script = tmp_path / "serve.py"
-    script.write_text(readme_serving_example())
+    script.write_text(guide_serving_example())
     proc = subprocess.run([sys.executable, str(script), "digit.png"], cwd=trained.root,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

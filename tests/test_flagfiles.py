@@ -1,11 +1,13 @@
-"""Every preset in flags/ parses and validates into a RunConfig, without training."""
+"""Every preset in flags/ parses and validates into a RunConfig, without training; the package
+carries them (`--preset=NAME` from any directory)."""
 import glob
 import os
 import re
 
 import pytest
 
-from ke_tf import main
+import conftest
+from ke_tf import main, presets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Table 2's peers: (method, loss, generations, epochs) of their preset (sec. 4.1, "Baselines").
@@ -42,7 +44,8 @@ def test_preset_validates_and_documents_itself(path):
     text = open(path).read()
     header = [line for line in text.splitlines() if line.startswith("#")]
     name = os.path.basename(path)
-    assert any(f"--flagfile=flags/{name}" in line for line in header)
+    assert any(f"ke-tf --preset={name[:-len('.flags')]} " in line and f"--flagfile=flags/{name}"
+               in line for line in header)
     assert any(line.startswith("# Runtime:") for line in header)
     assert any(re.match(r"# (Paper|Expected):", line) for line in header)
     cfg = parse(path)
@@ -72,3 +75,38 @@ def test_preset_validates_and_documents_itself(path):
     if name == "digits_default.flags":  # the preset is the no-flag default
         assert cfg == main.config_from_flags(
             main.flag_values(defaults=True))
+
+
+def test_the_package_carries_every_preset_of_flags():
+    bundled = presets.flagfiles()
+    assert sorted(f"{name}.flags" for name in bundled) == sorted(map(os.path.basename, FLAGFILES))
+    for name, path in bundled.items():
+        with open(path) as mine, open(os.path.join(ROOT, "flags", f"{name}.flags")) as source:
+            assert mine.read() == source.read()
+    assert presets.flagfile("digits_default.flags") == bundled["digits_default"]
+
+
+def test_preset_is_the_flagfile_first_so_explicit_flags_win():
+    path = presets.flagfile("table2_flower102_smth")
+    assert presets.expand_preset(["ke-tf", "--epochs=3", "--preset=table2_flower102_smth"]) == [
+        "ke-tf", f"--flagfile={path}", "--epochs=3"]
+    assert presets.expand_preset(["ke-tf", "--preset", "digits_default", "--seed=1"]) == [
+        "ke-tf", f"--flagfile={presets.flagfile('digits_default')}", "--seed=1"]
+    args = presets.expand_preset(["ke-tf", "--epochs=30", "--preset=table2_flower102_smth"])
+    flags = main.FLAGS
+    try:
+        flags(flags.read_flags_from_files(args, force_gnu=True))
+        cfg = main.config_from_flags(main.flag_values())
+    finally:
+        flags.unparse_flags()
+    assert (cfg.data.dataset, cfg.train.regularizer, cfg.train.epochs) == (
+        "oxford_flowers102", "smooth", 30)
+
+
+def test_an_unknown_preset_exits_2_listing_the_presets(capsys, tmp_path):
+    code, _, err = conftest.ke_main_in_process(["--preset=table9_mnist", f"--run_dir={tmp_path}/r"],
+                                               capsys)
+    assert code == 2
+    assert err.startswith("error: --preset=table9_mnist: no such preset. The presets are ")
+    assert "digits_default, " in err and "table2_flower102_smth" in err
+    assert "Traceback" not in err and not os.path.exists(tmp_path / "r")

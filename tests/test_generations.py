@@ -156,7 +156,7 @@ def test_mocked_tfds_datasets(tmp_path, name, num_classes, has_val):
 
 def metric_config(run_dir, dataset="digits", image_size=16, p=5, k=2, **overrides):
     # Even batches: TF 2.21's oneDNN CPU kernels corrupt the heap training 4-8-channel nets on
-    # odd batch sizes (see README, Limits).
+    # odd batch sizes (see docs/performance.md, the oneDNN crash).
     return conftest.tiny_config(
         run_dir, data=dict(dataset=dataset, task="metric", image_size=image_size, batch_size=p * k,
                            p_classes=p, k_images=k, recal_images=30, digits_per_class=10),

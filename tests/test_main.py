@@ -123,6 +123,19 @@ def test_console_script_is_the_same_program(tmp_path):
     assert "--split_rate" in helpfull.stdout and "--generations" in helpfull.stdout
 
 
+def test_help_lists_every_flag_of_a_run_and_the_presets(capsys):
+    from ke_tf import main
+
+    for arg in ("--help", "-h"):
+        code, out, err = conftest.ke_main_in_process([arg], capsys)
+        assert (code, err) == (0, "")
+        assert out.startswith("`python -m ke_tf.main`: train a network with Knowledge Evolution")
+        for name in main.flag_values():
+            assert f"--{name}:" in out or f"--[no]{name}:" in out, name
+        assert "--preset: A paper preset by name" in out
+        assert "--logtostderr" not in out  # absl's own flags: --helpfull
+
+
 @pytest.mark.slow
 def test_missing_tfds_data_offline_is_one_clear_message(tmp_path):
     data_dir = tmp_path / "tfds"

@@ -1,4 +1,4 @@
-"""TensorFlow 2.21's oneDNN heap corruption (README, Limits): ke_tf's networks train at the shapes
+"""TensorFlow 2.21's oneDNN heap corruption (docs/performance.md, the oneDNN crash): ke_tf's networks train at the shapes
 that crash, with oneDNN on (the rest of the tests run with TF_ENABLE_ONEDNN_OPTS=0, conftest).
 
 The crash needs a CPU with AVX-512 and 2+ threads; elsewhere these tests pass without
@@ -37,7 +37,7 @@ def test_ke_tf_conv2d_survives_the_crashing_strided_1x1_shape():
                                    ["--method=slim_scratch", "--batch_size=25"]],
                          ids=["width_1_16_batch_15", "slim_scratch_batch_25"])
 def test_the_runs_that_crashed_train_with_onednn(tmp_path, flags):
-    """The two runs README Limits named: 4-8-channel ResNet18 shortcuts at batch 15, the slim
+    """The two runs docs/performance.md named: 4-8-channel ResNet18 shortcuts at batch 15, the slim
     digits architecture (13 channels) at batch 25; 3 of 3 crashed before ke_tf's Conv2D ran
     those convolutions as a matmul."""
     out = subprocess.run([sys.executable, "-X", "faulthandler", "-m", "ke_tf.main", *flags,

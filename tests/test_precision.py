@@ -53,7 +53,7 @@ def test_cpu_info_reads_the_first_processors_model_and_flags():
     assert amd.x86 and amd.bf16_units is False
     intel = cpu_info(INTEL_AMX)
     assert intel.model == "Intel(R) Xeon(R) Platinum 8480+" and intel.bf16_units is True
-    # AVX512_BF16 without AMX: for the probe (the bfloat16 step was slower there, README)
+    # AVX512_BF16 without AMX: for the probe (the bfloat16 step was slower there, docs/performance.md)
     assert cpu_info(AMD_ZEN4).bf16_units is None
     assert cpu_info(SKYLAKE).bf16_units is False  # AVX-512 without bfloat16: none
     arm = cpu_info(GRAVITON3)

@@ -1,4 +1,5 @@
-"""The README's two set-up commands are the ones CI runs and the package provides."""
+"""The README is a front page (at most 250 lines, every docs page it links exists); its two
+set-up commands are the ones CI runs, and its examples run as written."""
 import os
 import re
 
@@ -21,13 +22,38 @@ def test_ci_runs_the_readme_test_command():
     assert test_cmd in ci.splitlines()
 
 
-def test_readme_flag_files_exist():
-    for name in re.findall(r"flags/([\w.]+\.flags)", read("README.md")):
+def python_block(containing):
+    """The README's one ```python block that contains `containing`."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
+              if containing in b]
+    assert len(blocks) == 1, blocks
+    return blocks[0]
+
+
+def test_readme_is_a_front_page_linking_pages_that_exist():
+    readme = read("README.md")
+    assert len(readme.splitlines()) <= 250
+    links = set(re.findall(r"\]\(([\w/.-]+\.md)(?:#[\w-]+)?\)", readme))
+    assert {"docs/guide.md", "docs/fidelity.md", "docs/reliability.md", "docs/performance.md",
+            "docs/architecture.md", "docs/development.md"} <= links
+    for page in links:
+        assert os.path.isfile(os.path.join(ROOT, page)), page
+    for page, anchor in re.findall(r"\]\(([\w/.-]+\.md)#([\w-]+)\)", readme):
+        headings = re.findall(r"^#+ (.+)$", read(page), re.M)
+        slugs = {re.sub(r"[^\w -]", "", h).strip().lower().replace(" ", "-") for h in headings}
+        assert anchor in slugs, (page, anchor)
+
+
+def test_readme_flag_files_and_presets_exist():
+    readme = read("README.md")
+    for name in re.findall(r"flags/([\w.]+\.flags)", readme):
         assert os.path.exists(os.path.join(ROOT, "flags", name)), name
+    for name in re.findall(r"--preset=(\w+)", readme):
+        assert os.path.exists(os.path.join(ROOT, "flags", f"{name}.flags")), name
 
 
 def test_python_api_example_runs(capsys):
-    code = re.search(r"```python\n(.*?)```", read("README.md"), re.S).group(1)
+    code = python_block("masks.compute(")
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "(11228838, 1813613568) (2825094, 482919936)" in printed  # Table 6
@@ -37,8 +63,7 @@ def test_training_from_python_example_runs(capsys, tmp_path, monkeypatch):
     """The README's "Training from Python" example, as written, in a fresh directory."""
     import keras
 
-    code = re.findall(r"```python\n(.*?)```", read("README.md"), re.S)[1]
-    assert "presets.digits(" in code
+    code = python_block("presets.digits(")
     monkeypatch.chdir(tmp_path)
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
@@ -53,12 +78,10 @@ def test_training_from_python_example_runs(capsys, tmp_path, monkeypatch):
 
 def test_your_own_model_example_runs(capsys, tmp_path, monkeypatch):
     """The README's "Your own model" example, as written, in a fresh directory."""
-    block = [b for b in re.findall(r"```python\n(.*?)```", read("README.md"), re.S)
-             if "ke_tf.evolve(" in b]
-    assert len(block) == 1
+    code = python_block("ke_tf.evolve(")
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(compile(block[0], "README.md", "exec"), scope)
+    exec(compile(code, "README.md", "exec"), scope)
     lines = [line.split() for line in capsys.readouterr().out.strip().splitlines()]
     assert [(g, net) for g, net, _, _ in lines] == [
         (str(g), net) for g in (1, 2, 3) for net in ("dense", "slim", "slim_recal")]

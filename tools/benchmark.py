@@ -1,4 +1,4 @@
-"""Performance benchmark of ke_tf on this machine's CPU (README, Performance).
+"""Performance benchmark of ke_tf on this machine's CPU (docs/performance.md).
 
     python tools/benchmark.py --json [--pairs 5] [--torch_python=../torchvenv/bin/python] [--xla]
     python tools/benchmark.py --quick --json          # tiny sizes, one pair: a smoke test
@@ -231,7 +231,7 @@ def bench_train(s, pairs, torch_python=None, xla=False, torch_script=TORCH_SCRIP
            "ke_vs_plain_throughput": ratio("ke", "plain"),
            "ke_vs_plain_cpu_time": cpu_ratio("ke", "plain")}
     # The best block of each side (--details keys `best_*`): contention only ever slows a
-    # side down, so these bound the unshared machine's figures (the README quotes medians).
+    # side down, so these bound the unshared machine's figures (docs/performance.md quotes medians).
     out.update({f"best_{name}_images_per_s": max(values) for name, values in rates.items()})
     if xla:
         out["train_images_per_s_xla"] = median(rates["ke_xla"])

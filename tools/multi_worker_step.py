@@ -1,4 +1,4 @@
-"""One process of `tools/benchmark.py --details`'s multi-worker measurement (README, Performance).
+"""One process of `tools/benchmark.py --details`'s multi-worker measurement (docs/performance.md).
 
     TF_CONFIG=... python tools/multi_worker_step.py --strategy=multi_worker   # one worker
     python tools/multi_worker_step.py --strategy=none                         # one process

@@ -1,4 +1,4 @@
-"""Standalone reproducer of TensorFlow 2.21's oneDNN heap corruption (README, Limits).
+"""Standalone reproducer of TensorFlow 2.21's oneDNN heap corruption (docs/performance.md, the oneDNN crash).
 
 The backward-weights kernel of a strided 1x1 convolution (oneDNN `jit_1x1:avx512_core`,
 `backward_weights`) with fewer than 16 input channels corrupts the heap at odd batch sizes when

@@ -9,10 +9,10 @@ Padding is PyTorch's symmetric zero padding, so feature-map sizes and the alignm
 convolutions match torchvision.
 
 Two layers subclass Keras's own for speed only (same variables, names, config and numerics;
-README, Performance): `FusedBatchNormalization` runs BatchNormalization through TensorFlow's
+docs/performance.md): `FusedBatchNormalization` runs BatchNormalization through TensorFlow's
 fused kernel, `Conv2D` computes convolutions with tiny outputs (ResNet's last stage on small
 images) as one matrix multiplication, and strided 1x1 convolutions of under 16 input channels
-too (TensorFlow's oneDNN AVX-512 kernel corrupts the heap there: README, Limits). `CosineDense` is AdaCos's cosine classifier
+too (TensorFlow's oneDNN AVX-512 kernel corrupts the heap there: docs/performance.md, the oneDNN crash). `CosineDense` is AdaCos's cosine classifier
 (`--loss=adacos`).
 """
 import keras
@@ -43,7 +43,7 @@ GEMM_MIN_PATCH = 2048
 # A strided 1x1 convolution with fewer than ONEDNN_1X1_MIN_CHANNELS input channels also runs as a
 # (strided slice +) matrix multiplication: TensorFlow 2.21's oneDNN AVX-512 backward-weights
 # kernel for it (`jit_1x1:avx512_core`) corrupts the heap at odd batch sizes with 2+ threads
-# (README, Limits; tools/onednn_crash_repro.py). ResNet shortcuts of nets under 1/4 width or
+# (docs/performance.md, the oneDNN crash; tools/onednn_crash_repro.py). ResNet shortcuts of nets under 1/4 width or
 # slim nets hit it; the matmul computes the same numbers.
 ONEDNN_1X1_MIN_CHANNELS = 16
 
