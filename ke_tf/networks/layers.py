@@ -153,7 +153,8 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
         rank = len(inputs.shape)
         return (keras.backend.backend() == "tensorflow" and rank == 4 and mask is None
                 and self.axis in (-1, rank - 1) and self.scale and self.center
-                and not self.renorm and not self.synchronized
+                and not getattr(self, "renorm", False)  # Keras 3.12 has no renorm
+                and not self.synchronized
                 and isinstance(training, (bool, type(None)))
                 and keras.backend.standardize_dtype(self.compute_dtype) in _FUSED_DTYPES)
 
