@@ -12,10 +12,25 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+# The test files that take longest (`--durations=0` summed per file, 2 cores), started first and
+# in this order, so that pytest-xdist's workers end together instead of one finishing a long file
+# alone (pytest.ini: --no-loadscope-reorder keeps the order given here).
+LONGEST_FIRST = ("test_resume.py", "test_multi_worker.py", "test_adacos_training.py",
+                 "test_generations.py", "test_bans.py", "test_main.py", "test_export.py",
+                 "test_benchmark.py", "test_evolution.py", "test_readme.py", "test_distribute.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's order kept
+
+
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "slow: starts Python processes (the CLI, tools, killed and resumed runs); "
-        "`pytest -m 'not slow' tests` leaves them out while developing, CI runs them all")
+        "markers", "slow: starts Python processes (the CLI, tools, killed and resumed runs) or "
+        "trains through whole generations for more than about 5 s; `pytest -m 'not slow' tests` "
+        "leaves them out while developing (and on CI's newest and oldest Python legs, beside one "
+        "real default run), CI's pinned leg runs them all")
 
 
 def randomize_batchnorm_and_biases(model, seed=0):

@@ -195,6 +195,7 @@ def adacos_run(tmp_path_factory):
     return runner, rows, hook.log, str(run_dir)
 
 
+@pytest.mark.slow
 def test_digits_run_restarts_the_scale_every_generation(adacos_run):
     runner, rows, log, _ = adacos_run
     _rows_are_finite(rows)
@@ -228,6 +229,7 @@ def test_cross_entropy_runs_keep_their_checkpoint_files(tmp_path):
     assert "loss" not in runner.arrays()
 
 
+@pytest.mark.slow
 def test_resume_restores_the_scale(tmp_path):
     """Resumed within generation 2 (a second runner in the same process): training goes on
     from the checkpointed scale, it does not restart."""
@@ -249,6 +251,7 @@ def test_resume_restores_the_scale(tmp_path):
     _rows_are_finite(rows)
 
 
+@pytest.mark.slow
 def test_folder_dataset_run(tmp_path):
     conftest.image_folder(tmp_path / "imgs")
     cfg = conftest.tiny_config(
@@ -259,6 +262,7 @@ def test_folder_dataset_run(tmp_path):
     assert [r["test_top5"] for r in rows] == [100.0] * 6  # top-3 of 3 classes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["long", "dsd"])
 def test_other_methods_train_with_adacos(tmp_path, method):
     cfg = conftest.tiny_config(tmp_path, train=ADACOS, method=method, export=False)
@@ -309,15 +313,19 @@ def test_command_line_run(cli_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["kill:epoch:3", "kill:batch:3"])
-def test_killed_run_resumes_to_the_uninterrupted_result(cli_run, tmp_path, fault):
-    """SIGKILL in generation 2 (after its first epoch's checkpoint) or in the middle of
-    generation 1's second epoch; the resumed run ends with the same results.csv."""
+def test_killed_run_resumes_to_the_uninterrupted_result(cli_run, tmp_path):
+    """SIGKILL in the middle of generation 1's second epoch; the same command, killed again in
+    generation 2 (just after its first epoch's checkpoint: the fault counts this process's
+    epochs); the same command once more ends with the uninterrupted run's results.csv."""
     reference, proc = cli_run
     assert proc.returncode == 0, proc.stderr
     run_dir = str(tmp_path / "run")
-    killed = _main(run_dir, TINY, fault)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    for fault, where in (("kill:batch:3", [1, 1]), ("kill:epoch:2", [2, 1])):
+        killed = _main(run_dir, TINY, fault)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        with open(os.path.join(run_dir, "checkpoints", "last", "state.json")) as f:
+            state = json.load(f)
+        assert [state["generation"], state["epoch"]] == where, fault
     resumed = _main(run_dir, TINY)
     assert resumed.returncode == 0, resumed.stderr
     assert _results(run_dir) == _results(reference)

@@ -1,6 +1,7 @@
 """Born-Again Networks (--method=bans): the distilled train step, the teacher handed over and the
 student born again between generations, whole runs, the command line and resuming."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -164,6 +165,7 @@ def test_arrays_restore_the_teacher_and_the_weight(tmp_path):
         other.method.restore(other, {})
 
 
+@pytest.mark.slow
 def test_three_generations_on_digits_rows_of_the_dense_network(tmp_path):
     weights = WeightAtStart()
     rows = runner(tmp_path / "bans", hooks=[weights], bans_lambda=0.5, bans_temperature=2.0).run()
@@ -182,6 +184,7 @@ def test_three_generations_on_digits_rows_of_the_dense_network(tmp_path):
         assert rows[0][column] == ke[0][column], column
 
 
+@pytest.mark.slow
 def test_folder_dataset(tmp_path):
     conftest.image_folder(tmp_path / "imgs")
     cfg = conftest.tiny_config(
@@ -247,14 +250,20 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["kill:epoch:4", "kill:evaluated:1"])
-def test_killed_in_generation_2_resumes_to_the_uninterrupted_result(reference, tmp_path, fault):
-    """kill:epoch:4 dies after generation 2's first epoch was checkpointed (the teacher and the
-    weight come back from checkpoints/last); kill:evaluated:1 at the boundary, before the
-    student was born again (resuming hands over the restored network of generation 1)."""
-    killed = ke_main(tmp_path / "run", TINY, fault)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert len(results(tmp_path / "run")) == 1
+def test_killed_in_generation_2_resumes_to_the_uninterrupted_result(reference, tmp_path):
+    """kill:evaluated:1 at the boundary, before the student was born again (resuming hands over
+    the restored network of generation 1); the same command then killed after generation 2's
+    first epoch was checkpointed (kill:epoch:1, this process's first epoch: the teacher and the
+    weight come back from checkpoints/last); the same command once more ends as the
+    uninterrupted run."""
+    for fault in ("kill:evaluated:1", "kill:epoch:1"):
+        killed = ke_main(tmp_path / "run", TINY, fault)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        assert len(results(tmp_path / "run")) == 1
+        with open(tmp_path / "run" / "checkpoints" / "last" / "state.json") as f:
+            state = json.load(f)
+        assert (state["generation"], state["epoch"], state["evaluated"]) == (
+            (1, 3, True) if fault == "kill:evaluated:1" else (2, 1, False)), fault
     resumed = ke_main(tmp_path / "run", TINY)
     assert resumed.returncode == 0, resumed.stderr
     assert results(tmp_path / "run") == results(reference)

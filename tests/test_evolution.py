@@ -166,6 +166,7 @@ def run_cli(args, cwd):
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_keras_mobilenetv2_through_the_command_line(tmp_path, capsys):
     """--arch=keras:MobileNetV2 through the command line and `python -m ke_tf.export` (both run
     in this process, `conftest.cli_in_process`), on 2 training digits a class."""

@@ -51,6 +51,7 @@ def reported(stdout, path):
     return int(match.group(1))
 
 
+@pytest.mark.slow
 def test_tflite_slim_matches_keras(trained, load_networks, capsys):
     code, out, err = run_cli([trained.run_dir, "--format=tflite", "--net=slim"], capsys)
     assert code == 0, err

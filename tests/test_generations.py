@@ -138,6 +138,7 @@ def test_wels_run_has_no_slim_network(tmp_path):
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,num_classes,has_val", [
     ("oxford_flowers102", 102, True), ("caltech_birds2011", 200, False),
     ("stanford_dogs", 120, False), ("cars196", 196, False)])
@@ -163,6 +164,7 @@ def metric_config(run_dir, dataset="digits", image_size=16, p=5, k=2, **override
         model=dict(head="embedding", embedding_dim=16), train=dict(lr=0.005), **overrides)
 
 
+@pytest.mark.slow
 def test_metric_learning_run_on_digits(tmp_path):
     runner = GenerationRunner(metric_config(tmp_path), verbose=False)
     rows = runner.run()
@@ -193,6 +195,7 @@ def test_metric_learning_run_on_digits(tmp_path):
     np.testing.assert_allclose(emb, runner.nets["slim_recal"](x, training=False).numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["caltech_birds2011", "cars196"])
 def test_metric_learning_on_mocked_tfds(tmp_path, name):
     cfg = metric_config(tmp_path, dataset=name, p=4, k=2, export=False)
@@ -202,6 +205,7 @@ def test_metric_learning_on_mocked_tfds(tmp_path, name):
     assert len(rows) == 6 and all(0 <= r["recall_at_1"] <= 100 for r in rows)
 
 
+@pytest.mark.slow
 def test_used_run_dir_is_refused_without_overwrite(tmp_path):
     (tmp_path / "results.csv").write_text("from another run\n")
     with pytest.raises(C.ConfigError, match="--overwrite"):
@@ -221,6 +225,7 @@ def _umask():
     return mask
 
 
+@pytest.mark.slow
 def test_wels_rand_draws_a_new_mask_every_generation(tmp_path):
     cfg = conftest.tiny_config(tmp_path, split=dict(split_mode="wels", wels_rand=True),
                                train=dict(generations=3), export=False, seed=5)
@@ -234,6 +239,7 @@ def test_wels_rand_draws_a_new_mask_every_generation(tmp_path):
     assert np.array_equal(saved["conv1/kernel"], expected["conv1/kernel"])
 
 
+@pytest.mark.slow
 def test_folder_dataset_with_three_classes(tmp_path):
     conftest.image_folder(tmp_path / "imgs")
     cfg = conftest.tiny_config(
@@ -244,6 +250,7 @@ def test_folder_dataset_with_three_classes(tmp_path):
     assert [r["test_top5"] for r in rows] == [100.0] * 3  # top-3 of 3 classes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["mixed_precision", "jit_compile"])
 def test_mixed_precision_and_xla_runs(tmp_path, option):
     """--mixed_precision=force (bfloat16 on any CPU, float32 variables) and --jit_compile train,

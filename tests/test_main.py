@@ -172,6 +172,7 @@ def test_helpfull_groups_the_flags_by_topic_with_short_help():
                                        for f in main.FLAGS.get_flags_for_module(f"ke_tf {t}")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", [f"--method={m}" for m in C.METHODS] + [
     f"--regularizer={r}" for r in C.REGULARIZERS] + [f"--loss={l}" for l in C.LOSSES])
 def test_every_method_and_regularizer_composes_with_the_default_command(tmp_path, flag, capsys):

@@ -73,6 +73,7 @@ def test_fix_reset_seed_draws_the_same_values_every_generation(tmp_path):
     assert not np.array_equal(*draws["fresh"])
 
 
+@pytest.mark.slow
 def test_long_is_one_generation_of_all_the_epochs(tmp_path):
     r = runner(tmp_path, method="long", generations=3, epochs=2)
     assert r.method.schedule() == (1, 6)
@@ -81,6 +82,7 @@ def test_long_is_one_generation_of_all_the_epochs(tmp_path):
     assert r.model.optimizer.iterations.numpy() == 6 * 3  # 6 epochs of 3 batches (40 images / 16)
 
 
+@pytest.mark.slow
 def test_slim_scratch_trains_the_slim_architecture(tmp_path):
     r = runner(tmp_path, method="slim_scratch", generations=2, epochs=1)
     dense = networks.build("resnet18", 10, 16, width_multiplier=1 / 16)
@@ -304,6 +306,7 @@ def test_repr_drops_the_filters_of_the_global_ranking(tmp_path):
     assert sum((~k).sum() for k in keep.values()) == round(0.3 * sum(k.size for k in keep.values()))
 
 
+@pytest.mark.slow
 def test_repr_holds_the_dropped_filters_then_restores_them_orthogonally(tmp_path):
     seen = EpochWeights()
     cfg = conftest.tiny_config(tmp_path, method="repr", export=False,
@@ -327,6 +330,7 @@ def test_repr_holds_the_dropped_filters_then_restores_them_orthogonally(tmp_path
     assert all(h.all() for held in seen.held[3:] for h in held.values())  # dense to the end
 
 
+@pytest.mark.slow
 def test_dsd_only_is_dense_sparse_dense_once(tmp_path):
     seen = EpochWeights()
     cfg = conftest.tiny_config(tmp_path, method="dsd_only", export=False,

@@ -273,6 +273,7 @@ def test_console_table_and_quiet(capsys, tmp_path):
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.slow
 def test_real_tiny_run(tmp_path):
     """GenerationRunner's TensorBoard directory, against its results.csv and hypotheses.csv."""
     cfg = conftest.tiny_config(tmp_path / "run", train=dict(epochs=2, warmup_epochs=1), seed=1,

@@ -208,33 +208,39 @@ def script(flags, npz, *extra):
     return [sys.executable, "-c", SCRIPT, json.dumps(flags), str(npz), *extra]
 
 
+def outputs(tmp, names, done):
+    """({name: the JSON line a process printed}, {name: its arrays}) of finished `script`s."""
+    for returncode, _, stderr in done:
+        assert returncode == 0, stderr[-3000:]
+    out = {name: json.loads(stdout.strip().splitlines()[-1])
+           for name, (_, stdout, _) in zip(names, done)}
+    return out, {name: dict(np.load(tmp / f"{name}.npz")) for name in names}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The two workers of a run, each with its own run directory (the non-chief's must stay
-    empty), then, at once, the same run in one process over two logical CPU devices
-    (MirroredStrategy: the global batch split in two) and on one device."""
+    empty): (directory, {worker: printed}, {worker: arrays})."""
     tmp = tmp_path_factory.mktemp("multi_worker")
-    workers = [tmp / "worker0", tmp / "worker1"]
+    names = ["worker0", "worker1"]
     done = finish(start_workers(
-        [script(FLAGS + ["--strategy=multi_worker", f"--run_dir={run_dir}"], tmp / f"w{i}.npz")
-         for i, run_dir in enumerate(workers)], free_ports(2)))
-    for returncode, _, stderr in done:
-        assert returncode == 0, stderr[-3000:]
+        [script(FLAGS + ["--strategy=multi_worker", f"--run_dir={tmp / name}"], tmp / f"{name}.npz")
+         for name in names], free_ports(2)))
+    return (tmp,) + outputs(tmp, names, done)
+
+
+@pytest.fixture(scope="module")
+def one_process(runs):
+    """The same run in one process, over two logical CPU devices (MirroredStrategy: the global
+    batch split in two) and on one device: ({name: printed}, {name: arrays})."""
+    tmp = runs[0]
     refs = {"two_devices": ["--strategy=mirrored"], "one_device": ["--strategy=none"]}
     procs = [subprocess.Popen(script(FLAGS + flags + [f"--run_dir={tmp / name}"],
                                      tmp / f"{name}.npz", *([name] if name == "two_devices"
                                                             else [])),
                               env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, cwd=ROOT) for name, flags in refs.items()]
-    ref = finish(procs)
-    for returncode, _, stderr in ref:
-        assert returncode == 0, stderr[-3000:]
-    out = {name: json.loads(stdout.strip().splitlines()[-1])
-           for name, (_, stdout, _) in zip(["worker0", "worker1"] + list(refs), done + ref)}
-    arrays = {name: dict(np.load(tmp / f"{npz}.npz")) for name, npz in
-              (("worker0", "w0"), ("worker1", "w1"), ("two_devices", "two_devices"),
-               ("one_device", "one_device"))}
-    return tmp, out, arrays
+    return outputs(tmp, list(refs), finish(procs))
 
 
 @pytest.mark.slow
@@ -260,8 +266,9 @@ def test_only_the_chief_writes_the_run_directory(runs):
 
 
 @pytest.mark.slow
-def test_two_workers_train_what_one_process_trains_on_the_same_global_batch(runs):
-    tmp, out, arrays = runs
+def test_two_workers_train_what_one_process_trains_on_the_same_global_batch(runs, one_process):
+    tmp, workers, worker_arrays = runs
+    out, arrays = dict(workers, **one_process[0]), dict(worker_arrays, **one_process[1])
     # One process splitting the same global batch over two devices (MirroredStrategy, Keras's
     # fit): the same numbers to the last bit (measured: max |difference| 0.0), results.csv too.
     assert results(tmp / "worker0") == results(tmp / "two_devices")

@@ -4,6 +4,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,6 +60,7 @@ def test_python_api_example_runs(capsys):
     assert "(11228838, 1813613568) (2825094, 482919936)" in printed  # Table 6
 
 
+@pytest.mark.slow
 def test_training_from_python_example_runs(capsys, tmp_path, monkeypatch):
     """The README's "Training from Python" example, as written, in a fresh directory."""
     import keras

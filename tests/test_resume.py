@@ -28,13 +28,23 @@ RUNS = {"kels": (KELS, 2), "wels_rand": (WELS_RAND, 2),
         "dsd_only": (TINY + ["--method=dsd_only", "--noexport"], 1)}
 
 
-def ke_main(run_dir, flags, fault=None, timeout=300):
+def start(run_dir, flags, fault=None):
+    """`python -m ke_tf.main --run_dir=RUN_DIR FLAGS`, started, with KE_TF_FAULT=`fault`."""
     env = dict(os.environ)
     env.pop("KE_TF_FAULT", None)
     if fault:
         env["KE_TF_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "ke_tf.main", f"--run_dir={run_dir}"] + flags,
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.Popen([sys.executable, "-m", "ke_tf.main", f"--run_dir={run_dir}"] + flags,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(proc, timeout=300):
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def ke_main(run_dir, flags, fault=None, timeout=300):
+    return finish(start(run_dir, flags, fault), timeout)
 
 
 def results(run_dir):
@@ -55,43 +65,81 @@ def leftovers(run_dir):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """Uninterrupted runs: {name: run_dir}."""
-    out = {}
-    for name, (flags, _) in RUNS.items():
-        run_dir = str(tmp_path_factory.mktemp(f"reference_{name}"))
-        proc = ke_main(run_dir, flags)
-        assert proc.returncode == 0, proc.stderr
-        out[name] = run_dir
-    return out
+    """Uninterrupted runs, all started at once in the background: `reference(name)` waits for
+    that run (the tests do their own killing and resuming first) and returns its directory."""
+    dirs = {name: str(tmp_path_factory.mktemp(f"reference_{name}")) for name in RUNS}
+    procs = {name: start(dirs[name], flags) for name, (flags, _) in RUNS.items()}
+
+    def wait(name):
+        if procs[name] is not None:
+            done = finish(procs.pop(name))
+            procs[name] = None
+            assert done.returncode == 0, done.stderr
+        return dirs[name]
+
+    yield wait
+    for proc in procs.values():
+        if proc is not None:
+            proc.kill()
+            proc.communicate()
 
 
-# (flags, fault): every instant of the issue. 40 images / batch 20 = 2 batches per epoch.
-KILLS = {
-    "mid_epoch": ("kels", "kill:batch:3"),  # first batch of epoch 2 done, epoch 2 unfinished
-    "after_epoch": ("kels", "kill:epoch:2"),  # just after epoch 2's checkpoint
-    "generation_boundary": ("kels", "kill:evaluated:1"),  # evaluated, not yet re-initialized
-    "during_export": ("kels", "kill:export:1"),  # dense exported, slim not yet
-    "inside_checkpoint_write": ("kels", "kill:checkpoint:4"),  # writing generation_001
-    "wels_rand_second_generation": ("wels_rand", "kill:epoch:4"),  # masks re-drawn, restored
-    "repr_sparse_phase": ("repr", "kill:batch:5"),  # filters dropped after epoch 2, held
-    "repr_after_restore": ("repr", "kill:epoch:4"),  # re-initialized orthogonally after 3
-    "dsd_only_sparse_phase": ("dsd_only", "kill:batch:7"),  # pruned after epoch 3, held
+def state(run_dir):
+    """(generation, epochs done, evaluated) of the run's checkpoints/last."""
+    with open(os.path.join(checkpoint.last_dir(run_dir), "state.json")) as f:
+        s = json.load(f)
+    return s["generation"], s["epoch"], s["evaluated"]
+
+
+# Every instant of the issue, as chains: a run is killed (SIGKILL, ke_tf.faults) at the first
+# instant of its chain, the same command resumes it and is killed at the next instant, and so
+# on; a last command runs it to the end. Each resume starts where the previous kill left the
+# run, so the end equals the uninterrupted run only if every one of them restored it exactly.
+# The fault counts passages within one process: a resumed process counts from its own start.
+# 40 images / batch 20 = 2 batches per epoch. Each instant: (name, fault, where the run stands
+# afterwards in checkpoints/last: (generation, epochs done, evaluated)).
+CHAINS = {
+    "kels_training": ("kels", [
+        ("mid_epoch", "kill:batch:3", (1, 1, False)),  # epoch 2's first batch done, not epoch 2
+        ("after_epoch", "kill:epoch:1", (1, 2, False)),  # resumed at epoch 2: just after its checkpoint
+        ("generation_boundary", "kill:evaluated:1", (1, 3, True)),  # not yet re-initialized
+    ]),
+    "kels_writing": ("kels", [
+        ("inside_checkpoint_write", "kill:checkpoint:4", (1, 3, False)),  # writing generation_001
+        ("during_export", "kill:export:1", (2, 3, True)),  # dense exported, slim not yet
+    ]),
+    "wels_rand": ("wels_rand", [
+        ("second_generation", "kill:epoch:4", (2, 1, False)),  # masks re-drawn: restored
+    ]),
+    "repr": ("repr", [
+        ("sparse_phase", "kill:batch:5", (1, 2, False)),  # filters dropped after epoch 2, held
+        ("after_restore", "kill:epoch:2", (1, 4, False)),  # re-initialized orthogonally after 3
+    ]),
+    "dsd_only": ("dsd_only", [
+        ("sparse_phase", "kill:batch:7", (1, 3, False)),  # pruned after epoch 3, held
+    ]),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("instant", sorted(KILLS))
-def test_killed_run_resumes_to_the_uninterrupted_result(instant, reference, tmp_path):
-    name, fault = KILLS[instant]
+@pytest.mark.parametrize("chain", sorted(CHAINS))
+def test_killed_run_resumes_to_the_uninterrupted_result(chain, reference, tmp_path):
+    name, instants = CHAINS[chain]
     flags, generations = RUNS[name]
     run_dir = str(tmp_path / "run")
-    killed = ke_main(run_dir, flags, fault)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert not os.path.exists(os.path.join(run_dir, "export", "slim"))  # it did not finish
+    for instant, fault, where in instants:
+        killed = ke_main(run_dir, flags, fault)
+        assert killed.returncode == -signal.SIGKILL, (instant, killed.stderr)
+        assert state(run_dir) == where, instant  # killed where the instant says
+        assert not os.path.exists(os.path.join(run_dir, "export", "slim"))  # not finished
+        if instant == "inside_checkpoint_write":
+            assert any(".tmp-" in path for path in leftovers(run_dir))  # half-written, aside
+        if instant == "during_export":
+            assert os.path.isdir(os.path.join(run_dir, "export", "dense"))
 
     resumed = ke_main(run_dir, flags)
     assert resumed.returncode == 0, resumed.stderr
-    ref = reference[name]
+    ref = reference(name)
     rows = results(run_dir)
     assert rows == results(ref)  # --deterministic: the same accuracies, to the last digit
     nets = ("dense", "slim", "slim_recal") if name == "kels" else ("dense",)
@@ -118,8 +166,8 @@ def test_resume_restores_masks_and_weights_exactly(reference, tmp_path):
     run_dir = str(tmp_path / "run")
     assert ke_main(run_dir, WELS_RAND, "kill:epoch:4").returncode == -signal.SIGKILL
     _, partial = checkpoint.load(checkpoint.last_dir(run_dir))
-    _, ref_g1 = checkpoint.load(checkpoint.generation_dir(reference["wels_rand"], 1))
-    _, ref_g2 = checkpoint.load(checkpoint.generation_dir(reference["wels_rand"], 2))
+    _, ref_g1 = checkpoint.load(checkpoint.generation_dir(reference("wels_rand"), 1))
+    _, ref_g2 = checkpoint.load(checkpoint.generation_dir(reference("wels_rand"), 2))
     # WELS-Rand: generation 2 trains with a new random mask; the checkpoint holds it
     assert any((partial["masks"][k] != ref_g1["masks"][k]).any() for k in ref_g1["masks"])
     assert all((partial["masks"][k] == ref_g2["masks"][k]).all() for k in ref_g2["masks"])
@@ -131,7 +179,7 @@ def test_resume_restores_masks_and_weights_exactly(reference, tmp_path):
 
 @pytest.mark.slow
 def test_finished_run_is_left_as_it_is(reference):
-    run_dir = reference["kels"]
+    run_dir = reference("kels")
     before = digest(os.path.join(run_dir, "results.csv"))
     proc = ke_main(run_dir, [f for f in KELS if f != "--quiet"])
     assert proc.returncode == 0, proc.stderr
@@ -141,7 +189,7 @@ def test_finished_run_is_left_as_it_is(reference):
 
 @pytest.mark.slow
 def test_other_flags_are_refused_with_the_differences(reference):
-    run_dir = reference["kels"]
+    run_dir = reference("kels")
     proc = ke_main(run_dir, KELS + ["--lr=0.1", "--epochs=4"])
     assert proc.returncode == 2
     assert "--epochs: 3 -> 4" in proc.stderr and "--lr: 0.05 -> 0.1" in proc.stderr
@@ -175,6 +223,7 @@ def test_full_disk_while_checkpointing_exits_2_and_keeps_the_previous_checkpoint
     assert ke_main(run_dir, KELS).returncode == 0  # space freed: the same command resumes
 
 
+@pytest.mark.slow
 def test_keep_generations_and_load_networks(tmp_path):
     from ke_tf.generations import GenerationRunner
 
@@ -195,6 +244,7 @@ def test_keep_generations_and_load_networks(tmp_path):
         checkpoint.load_networks(str(tmp_path), generation=1)
 
 
+@pytest.mark.slow
 def test_resume_in_the_same_python_process(tmp_path):
     """A second GenerationRunner in one process (a notebook cell run again) resumes the run
     the first one left: the optimizer state keys do not depend on how many exist."""

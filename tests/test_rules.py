@@ -145,6 +145,7 @@ def half_reset():
     methods._REGISTERED.pop(HalfReset.name)  # noqa: SLF001 - the test's own registration
 
 
+@pytest.mark.slow
 def test_a_new_method_is_one_class_and_one_registration(tmp_path, half_reset):
     """Defined in this file, registered, trained end to end by the unchanged runner, its flag
     checked by the same rules and read back from config.json."""
