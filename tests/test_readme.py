@@ -39,6 +39,8 @@ def test_readme_is_a_front_page_linking_pages_that_exist():
             "docs/architecture.md", "docs/development.md"} <= links
     for page in links:
         assert os.path.isfile(os.path.join(ROOT, page)), page
+    for page in ["README.md"] + sorted(links):  # a fence left open swallows the rest of a page
+        assert len(re.findall(r"^```", read(page), re.M)) % 2 == 0, page
     for page, anchor in re.findall(r"\]\(([\w/.-]+\.md)#([\w-]+)\)", readme):
         headings = re.findall(r"^#+ (.+)$", read(page), re.M)
         slugs = {re.sub(r"[^\w -]", "", h).strip().lower().replace(" ", "-") for h in headings}
