@@ -210,6 +210,9 @@ def flag_values(defaults: bool = False) -> dict:
 
 
 def main(argv) -> None:
+    if FLAGS.preset is not None:  # only a flagfile can get it here: run() expands the command's
+        raise C.ConfigError(f"--preset={FLAGS.preset} inside a --flagfile does not take effect; "
+                            f"put --flagfile={presets.flagfile(FLAGS.preset)} there instead")
     notes: list = []
     cfg = config_from_flags(flag_values(), notes)  # pure Python: no TensorFlow op
     from ke_tf import distribution

@@ -110,3 +110,14 @@ def test_an_unknown_preset_exits_2_listing_the_presets(capsys, tmp_path):
     assert err.startswith("error: --preset=table9_mnist: no such preset. The presets are ")
     assert "digits_default, " in err and "table2_flower102_smth" in err
     assert "Traceback" not in err and not os.path.exists(tmp_path / "r")
+
+
+def test_a_preset_inside_a_flagfile_is_refused_not_ignored(capsys, tmp_path):
+    flagfile = tmp_path / "mine.flags"
+    flagfile.write_text("--preset=digits_default\n--epochs=3\n")
+    code, _, err = conftest.ke_main_in_process([f"--flagfile={flagfile}",
+                                                f"--run_dir={tmp_path}/r"], capsys)
+    assert code == 2
+    assert err == (f"error: --preset=digits_default inside a --flagfile does not take effect; put "
+                   f"--flagfile={presets.flagfile('digits_default')} there instead\n")
+    assert not os.path.exists(tmp_path / "r")
