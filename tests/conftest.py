@@ -3,8 +3,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The tests train 4-8-channel networks, the regime where TensorFlow 2.21's oneDNN CPU kernels can
-# corrupt the heap (an abort on odd batch sizes; docs/performance.md, the oneDNN crash). Real widths are unaffected and
-# the tiny nets run as fast without oneDNN; subprocesses started by tests inherit this.
+# corrupt the heap (an abort on odd batch sizes; docs/performance.md, the oneDNN crash). Real
+# widths are unaffected and the tiny nets run as fast without oneDNN; subprocesses started by
+# tests inherit this.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import keras  # noqa: E402

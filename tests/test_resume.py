@@ -101,15 +101,12 @@ def state(run_dir):
 CHAINS = {
     "kels_training": ("kels", [
         ("mid_epoch", "kill:batch:3", (1, 1, False)),  # epoch 2's first batch done, not epoch 2
-        ("after_epoch", "kill:epoch:1", (1, 2, False)),  # resumed at epoch 2: just after its checkpoint
+        ("after_epoch", "kill:epoch:1", (1, 2, False)),  # resumed: just after epoch 2's checkpoint
         ("generation_boundary", "kill:evaluated:1", (1, 3, True)),  # not yet re-initialized
     ]),
     "kels_writing": ("kels", [
         ("inside_checkpoint_write", "kill:checkpoint:4", (1, 3, False)),  # writing generation_001
         ("during_export", "kill:export:1", (2, 3, True)),  # dense exported, slim not yet
-    ]),
-    "wels_rand": ("wels_rand", [
-        ("second_generation", "kill:epoch:4", (2, 1, False)),  # masks re-drawn: restored
     ]),
     "repr": ("repr", [
         ("sparse_phase", "kill:batch:5", (1, 2, False)),  # filters dropped after epoch 2, held
@@ -125,7 +122,7 @@ CHAINS = {
 @pytest.mark.parametrize("chain", sorted(CHAINS))
 def test_killed_run_resumes_to_the_uninterrupted_result(chain, reference, tmp_path):
     name, instants = CHAINS[chain]
-    flags, generations = RUNS[name]
+    flags, _ = RUNS[name]
     run_dir = str(tmp_path / "run")
     for instant, fault, where in instants:
         killed = ke_main(run_dir, flags, fault)
@@ -137,6 +134,13 @@ def test_killed_run_resumes_to_the_uninterrupted_result(chain, reference, tmp_pa
         if instant == "during_export":
             assert os.path.isdir(os.path.join(run_dir, "export", "dense"))
 
+    ends_as_uninterrupted(run_dir, name, reference)
+
+
+def ends_as_uninterrupted(run_dir, name, reference):
+    """The same command resumes the killed run in `run_dir` to its end, which must be the
+    uninterrupted run `name`'s: results.csv, masks.npz, kept checkpoints, exported networks."""
+    flags, generations = RUNS[name]
     resumed = ke_main(run_dir, flags)
     assert resumed.returncode == 0, resumed.stderr
     ref = reference(name)
@@ -161,17 +165,21 @@ def test_killed_run_resumes_to_the_uninterrupted_result(chain, reference, tmp_pa
 
 @pytest.mark.slow
 def test_resume_restores_masks_and_weights_exactly(reference, tmp_path):
-    """The checkpoint of generation 2 of a killed-and-resumed WELS-Rand run holds the very
-    arrays of the uninterrupted run's."""
+    """WELS-Rand killed in its second generation (its masks re-drawn after the first): the last
+    checkpoint holds the new masks, the resumed run ends as the uninterrupted one, and its
+    generation 2 checkpoint holds the very arrays of the uninterrupted run's."""
     run_dir = str(tmp_path / "run")
-    assert ke_main(run_dir, WELS_RAND, "kill:epoch:4").returncode == -signal.SIGKILL
+    killed = ke_main(run_dir, WELS_RAND, "kill:epoch:4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert state(run_dir) == (2, 1, False)  # just after generation 2's first epoch
+    assert not os.path.exists(os.path.join(run_dir, "export"))  # --noexport, and not finished
     _, partial = checkpoint.load(checkpoint.last_dir(run_dir))
     _, ref_g1 = checkpoint.load(checkpoint.generation_dir(reference("wels_rand"), 1))
     _, ref_g2 = checkpoint.load(checkpoint.generation_dir(reference("wels_rand"), 2))
     # WELS-Rand: generation 2 trains with a new random mask; the checkpoint holds it
     assert any((partial["masks"][k] != ref_g1["masks"][k]).any() for k in ref_g1["masks"])
     assert all((partial["masks"][k] == ref_g2["masks"][k]).all() for k in ref_g2["masks"])
-    assert ke_main(run_dir, WELS_RAND).returncode == 0
+    ends_as_uninterrupted(run_dir, "wels_rand", reference)
     _, mine = checkpoint.load(checkpoint.generation_dir(run_dir, 2))
     for key, value in ref_g2["dense"].items():
         np.testing.assert_array_equal(mine["dense"][key], value)
