@@ -13,7 +13,8 @@ Layout under `<run_dir>/checkpoints/`, every directory written atomically (`ke_t
 - `generation_NNN/`: the networks of finished generation NNN as evaluated: `dense.npz`,
   `slim.npz` (the BatchNorm-recalibrated slim network when the run recalibrates) and the masks,
   plus `state.json` with what an export needs (class names, output name). `--keep_generations`
-  bounds how many are kept (the most recent).
+  bounds how many are kept (the most recent, and always the generations the run ships:
+  `--select_by`).
 
 Files only ever hold arrays (`np.load(allow_pickle=False)`) and JSON: loading a checkpoint never
 executes code. Generations still hand weights over in memory; these files are for resuming and
@@ -135,12 +136,14 @@ def kept_generations(run_dir: str) -> list:
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def prune(run_dir: str, keep: Optional[int]) -> None:
-    """Delete all but the `keep` most recent generation checkpoints (None: keep all)."""
+def prune(run_dir: str, keep: Optional[int], protected=()) -> None:
+    """Delete all but the `keep` most recent generation checkpoints (None: keep all) and the
+    `protected` ones (the generations a run ships, `ke_tf.selection`)."""
     if keep is None:
         return
     for g in kept_generations(run_dir)[:-keep]:
-        shutil.rmtree(generation_dir(run_dir, g), ignore_errors=True)
+        if g not in protected:
+            shutil.rmtree(generation_dir(run_dir, g), ignore_errors=True)
 
 
 @dataclasses.dataclass
@@ -208,7 +211,8 @@ def _network_of(run_dir: str):
 class Checkpoints(Hook):
     """Writes `checkpoints/last` after every epoch, when a generation was evaluated and when
     the run ends, and `checkpoints/generation_NNN` (the shipped networks as evaluated, for
-    export) for every evaluated generation, keeping the last `keep_generations`."""
+    export) for every evaluated generation, keeping the last `keep_generations` and the
+    selected ones (`RunState.selected`)."""
 
     def __init__(self, run_dir: str, keep_generations: Optional[int]):
         self.run_dir, self.keep = run_dir, keep_generations
@@ -221,7 +225,7 @@ class Checkpoints(Hook):
         arrays["masks"] = run.masks
         save(generation_dir(self.run_dir, state.generation),
              dict(run.info, generation=state.generation), arrays)
-        prune(self.run_dir, self.keep)
+        prune(self.run_dir, self.keep, protected=set(state.selected.values()))
         self._last(run, state)
 
     def run_end(self, run, state) -> None:

@@ -49,6 +49,9 @@ class DataConfig:
     digits_per_class: training images per class in the embedded digits subset (the rest is test).
     recal_images: training images (no augmentation) used to re-estimate the slim network's
       BatchNorm statistics.
+    val_fraction: a validation split for a dataset without one of its own (0: none): this
+      stratified share of the training split (task="metric": of the training classes), drawn
+      with a fixed seed; digits draws it from the non-training pool instead (`ke_tf.data`).
     seed: shuffling and augmentation seed.
     """
 
@@ -62,6 +65,7 @@ class DataConfig:
     k_images: int = 5
     digits_per_class: int = 10
     recal_images: int = 512
+    val_fraction: float = 0.0
     seed: int = 0
     class_pairs: bool = False  # CS-KD batches: b/2 anchors, then a partner of each one's class
     skip_corrupt_images: bool = False  # folder datasets: skip (and count) unreadable images
@@ -76,6 +80,11 @@ class DataConfig:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
         _require(self.digits_per_class >= 1, "digits_per_class", "must be >= 1", self.digits_per_class)
         _require(self.recal_images >= 1, "recal_images", "must be >= 1", self.recal_images)
+        _require(isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1,
+                 "val_fraction", "must be in [0, 1)", self.val_fraction)
+        _require(ds != IN_MEMORY or not self.val_fraction, "val_fraction",
+                 "cannot split data given from Python: pass validation= instead",
+                 self.val_fraction)
         if self.task == "metric":
             _require(self.p_classes >= 2, "p_classes", "must be >= 2", self.p_classes)
             _require(self.k_images >= 2, "k_images", "must be >= 2", self.k_images)
@@ -232,6 +241,10 @@ class RunConfig:
       on a CPU where it is faster, "force": bfloat16 on any CPU; True/False mean auto/off),
       float32 master weights.
       jit_compile: XLA-compile the train step.
+    select_by: which generation the run ships, exports and returns, chosen separately for the
+      dense and the slim network: "last", or a validation column of results.csv ("val_top1",
+      "val_loss", "val_recall_at_1", ...; `ke_tf.selection`). patience: stop after this many
+      generations without a gain of more than min_delta on it (0: train every generation).
     method_flags: the values of the method's own flags ({"dsd_sparsity": 0.3, ...}); each
       method declares its flags, their defaults and rules in its file (`ke_tf.methods`), so this
       module knows none of them: a flag missing here takes the method's default.
@@ -251,6 +264,9 @@ class RunConfig:
     strategy: str = "none"
     mixed_precision: str = "off"
     jit_compile: bool = False
+    select_by: str = "last"
+    patience: int = 0
+    min_delta: float = 0.0
     method_flags: Dict[str, object] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -277,6 +293,12 @@ class RunConfig:
                  f"must be one of {', '.join(STRATEGIES)}", self.strategy)
         _require(self.mixed_precision in MIXED_PRECISION, "mixed_precision",
                  f"must be one of {', '.join(MIXED_PRECISION)}", self.mixed_precision)
+        _require(self.patience >= 0, "patience", "must be >= 0 (0: no early stop)", self.patience)
+        _require(self.min_delta >= 0 and math.isfinite(self.min_delta), "min_delta",
+                 "must be >= 0", self.min_delta)
+        _require(self.patience == 0 or self.select_by != "last", "patience",
+                 "needs --select_by naming a validation metric (e.g. val_top1): the run stops "
+                 "when that metric stops gaining", self.patience)
         if self.data.task == "metric":
             _require(self.model.head == "embedding", "head",
                      "must be embedding with --task=metric", self.model.head)

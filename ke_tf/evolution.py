@@ -3,7 +3,11 @@
     import ke_tf
     result = ke_tf.evolve(model, train, test=test, generations=3, epochs=30, lr=0.05)
     result.rows                   # the rows of results.csv: N_g and H_g of every generation
-    result.dense, result.slim     # N_G and H_G, keras.Models
+    result.dense, result.slim     # the shipped N_g and H_g, keras.Models (the last by default)
+
+    result = ke_tf.evolve(model, train, test=test, validation=val, generations=20,
+                          select_by="val_top1", patience=4)
+    result.selected, result.stopped   # {"dense": 7, "slim": 9}, why it stopped early (or "")
 
 `model` is any functional `keras.Model` (a `keras.Sequential` that starts with `keras.Input`
 is one), built and randomly initialized, outputting logits (no softmax); it is trained in
@@ -12,7 +16,8 @@ loss, set by the flags (SGD with PyTorch's coupled weight decay, warm-up + cosin
 every generation, the task's loss). `train` is a batched `tf.data.Dataset` of (images, integer
 labels), preprocessed and augmented as the user likes (`test` / `validation` likewise, in one
 fixed order), or the path of an image folder (PATH/{train,test[,val]}/<class>/<image>, read as
-`--dataset=folder:PATH` at the model's input size). Every other keyword is a flag of
+`--dataset=folder:PATH` at the model's input size; `val_fraction=` holds out a validation
+split of it). Every other keyword is a flag of
 `python -m ke_tf.main` by name (`generations=`, `epochs=`, `split_mode=`, `split_rate=`,
 `method=`, `lr=`, `weight_decay=`, `seed=`, ...), the paper's value when not given.
 
@@ -40,15 +45,19 @@ from ke_tf.hooks import Hook
 
 @dataclasses.dataclass
 class Evolved:
-    """What a run gives back: `rows` (results.csv), the last generation's shipped networks
-    `dense` (N_G) and `slim` (H_G, BatchNorm re-estimated; None without one), the `runner`
-    (its `state`, `nets`, `masks`) and the `run_dir` (None once a temporary one is removed)."""
+    """What a run gives back: `rows` (results.csv), the shipped networks `dense` (N_g) and
+    `slim` (H_g, BatchNorm re-estimated; None without one) of the generations `selected`
+    ({"dense": g, "slim": g}: the last, or the best by `select_by`), why the run `stopped`
+    early ("" if it trained every generation), the `runner` (its `state`, `nets`, `masks`) and
+    the `run_dir` (None once a temporary one is removed)."""
 
     rows: List[Dict]
     dense: Optional[keras.Model]
     slim: Optional[keras.Model]
     runner: GenerationRunner
     run_dir: Optional[str]
+    selected: Dict[str, int] = dataclasses.field(default_factory=dict)
+    stopped: str = ""
 
 
 def run(config: RunConfig, *, network: Optional[keras.Model] = None,
@@ -58,7 +67,8 @@ def run(config: RunConfig, *, network: Optional[keras.Model] = None,
     runner = GenerationRunner(config, data=data, verbose=verbose, hooks=hooks, network=network)
     rows = runner.run()
     shipped = runner.shipped()
-    return Evolved(rows, shipped.get("dense"), shipped.get("slim"), runner, config.run_dir)
+    return Evolved(rows, shipped.get("dense"), shipped.get("slim"), runner, config.run_dir,
+                   dict(runner.state.selected), runner.state.stopped)
 
 
 def evolve(model, train, *, test: Optional[tf.data.Dataset] = None,

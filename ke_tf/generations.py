@@ -6,12 +6,15 @@ compiled train function, and the networks evaluated every generation. Then, for 
     train N for e epochs (optimizer state and lr schedule restarted; same settings every g)
     extract the slim H_g: copy the fit hypothesis into it, re-estimate its BatchNorm statistics
     evaluate N_g and H_g; record the rows and the mean |w| of both hypotheses (`RunState`)
+    select the generation each shipped network would ship so far (`ke_tf.selection`)
     the hooks: TensorBoard and console, results.csv, checkpoints (`ke_tf.hooks`)
+    stop if --patience generations brought no gain on the validation metric (sec. 6)
     if g < G: the method's rule between generations, for KE Eq. 1: W = M*W + (1-M)*W_r
 
 What differs between methods (KE, the long baseline, LLF, DSD, DNR, ...) is asked of the run's
 `ke_tf.methods` object; the loop never tests a method's name. Weights pass from one generation
-to the next in memory; the exported networks are the last generation's N_G and H_G. Files are
+to the next in memory; the shipped networks are the selected generations' N_g and H_g (the
+last's by default), read back from their checkpoints when they are not the last. Files are
 for watching, resuming and shipping a run, not for handing generations over: the run directory
 (fresh start, resume) is `ke_tf.rundir`'s, the devices and machines `ke_tf.distribution`'s.
 """
@@ -24,9 +27,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ke_tf import cost, data as data_lib, distribution, divergence, export, faults
+from ke_tf import checkpoint, cost, data as data_lib, distribution, divergence, export, faults
 from ke_tf import masks as masks_lib, methods, model as model_lib, networks, precision, results
-from ke_tf import rules, rundir, slim, tasks
+from ke_tf import rules, rundir, selection, slim, tasks
 from ke_tf.config import RunConfig
 from ke_tf.hooks import Evaluation, Hook, Hooks
 from ke_tf.state import RunState
@@ -61,8 +64,11 @@ class GenerationRunner:
         (which must then be "custom"; see `ke_tf.evolution`): trained in place, its
         architecture saved as network.json for `ke_tf.export`.
 
-    After `run()`: `state` (`ke_tf.state.RunState`: the rows of results.csv, ...), `network`
-    (the trained N_G), `nets` (the networks evaluated, by row name), `masks`.
+    After `run()`: `state` (`ke_tf.state.RunState`: the rows of results.csv, the generation
+    each shipped network was selected from (`selected`), why the run stopped early
+    (`stopped`), ...), `network` (the trained dense network, holding the selected N_g),
+    `shipped()` (the selected N_g and H_g), `nets` (the networks evaluated, by row name),
+    `masks`.
     """
 
     def __init__(self, config: RunConfig, data: Optional[data_lib.Data] = None,
@@ -79,6 +85,7 @@ class GenerationRunner:
         self.data = data if data is not None else data_lib.load(config.data)
         self.task = tasks.TASKS[config.data.task]
         info = self.data.info
+        selection.check_validation(config, info.has_val, config.data.dataset)
         if info.skipped_files and verbose:
             print(f"--skip_corrupt_images: left out {len(info.skipped_files)} corrupt or "
                   f"non-image files, e.g. {info.skipped_files[0]}")
@@ -131,7 +138,8 @@ class GenerationRunner:
         if state.finished:
             if self.verbose:
                 print(f"{self.config.run_dir} holds a finished run; --overwrite starts it again")
-            return state.rows
+            self.ship_selected()
+            return self.rows()
         hooks = Hooks(rundir.hooks(self, resumed) + [faults.FaultPoints()] + self.extra_hooks)
         try:
             for g in range(state.generation, self.generations + 1):
@@ -140,17 +148,22 @@ class GenerationRunner:
                     self.extract_slim()  # H_g: the fit hypothesis, BatchNorm re-estimated
                     evaluation = self.evaluate(g, train)
                     state.record(evaluation.rows, evaluation.hypotheses)
+                    state.selected = selection.select(state.rows, self.shipped_rows(),
+                                                      self.config)
+                    state.stopped = selection.stop_reason(state.selected, g, self.config)
                     hooks.generation_end(self, state, evaluation)
-                if g < self.generations:
-                    self.between_generations(g)  # the method's rule; KE: Eq. 1
-                    state.next_generation()
+                if state.stopped or g == self.generations:
+                    break
+                self.between_generations(g)  # the method's rule; KE: Eq. 1
+                state.next_generation()
+            self.ship_selected()
             if self.config.export and self.chief:
                 self.export(os.path.join(self.config.run_dir, "export"))
             state.finished = True
             hooks.run_end(self, state)
         finally:
             hooks.close()
-        return state.rows
+        return self.rows()
 
     # --- the steps of the loop -------------------------------------------------------------------
 
@@ -198,7 +211,8 @@ class GenerationRunner:
         rows = [results.row(self.columns, generation=generation, net=name, method=self.method,
                             train=train, cost=self.costs[name],
                             scores=[self.task.evaluate(np.asarray(predict(net, ds), np.float32),
-                                                       labels, split, self.config.seed)
+                                                       labels, split, self.config.seed,
+                                                       self.config.train.loss)
                                     for split, (ds, labels) in self.eval_splits.items()])
                 for name, net in self.nets.items()]
         return Evaluation(generation, rows, train,
@@ -219,12 +233,37 @@ class GenerationRunner:
     def shipped(self) -> Dict[str, keras.Model]:
         """The networks a generation ships (checkpoint, export): the dense N_g and the slim
         H_g (BatchNorm-recalibrated unless --slim_bn_recalibration=false), those it has."""
-        nets = {"dense": self.nets.get("dense"),
-                "slim": self.nets.get("slim_recal", self.nets.get("slim"))}
-        return {name: net for name, net in nets.items() if net is not None}
+        return {name: self.nets[row] for name, row in self.shipped_rows().items()}
+
+    def shipped_rows(self) -> Dict[str, str]:
+        """{shipped network: its row name in results.csv}: "dense", and "slim" as "slim_recal"
+        when the run re-estimates BatchNorm statistics, else as "slim"."""
+        rows = {"dense": "dense", "slim": "slim_recal" if "slim_recal" in self.nets else "slim"}
+        return {name: row for name, row in rows.items() if row in self.nets}
+
+    def rows(self) -> List[Dict]:
+        """The rows of results.csv as written: the selected rows and an early stop marked."""
+        return results.marked(self.state.rows, {self.shipped_rows()[name]: g for name, g
+                                                in self.state.selected.items()},
+                              self.state.stopped)
+
+    def ship_selected(self) -> None:
+        """Put the selected generation's weights into every shipped network that does not hold
+        them (`state.selected`; the last generation's are in memory), from its checkpoint in
+        `checkpoints/generation_NNN` (kept whatever --keep_generations says). The chief's: the
+        other workers of --strategy=multi_worker neither write nor export."""
+        if not self.chief:
+            return
+        for name, net in self.shipped().items():
+            generation = self.state.selected.get(name, self.state.generation)
+            if generation != self.state.generation:
+                _, kept = checkpoint.load(checkpoint.generation_dir(self.config.run_dir,
+                                                                    generation))
+                checkpoint.assign(net.variables, kept[name],
+                                  f"{name} network of generation {generation}")
 
     def export(self, directory: str) -> None:
-        """The last generation's shipped networks as SavedModels (and the class names)."""
+        """The shipped networks as SavedModels (and the class names)."""
         for name, net in self.shipped().items():
             export.save_saved_model(net, os.path.join(directory, name), self.task.output_name)
             faults.point("export")

@@ -1,6 +1,7 @@
 """Evaluation metrics of Knowledge Evolution, as pure functions on numpy arrays.
 
-Classification (sec. 4.1; Table 2 reports top-1): top-k accuracy of the logits. Metric learning
+Classification (sec. 4.1; Table 2 reports top-1): top-k accuracy of the logits, and their mean
+cross entropy (Eq. 2 without smoothing: the validation loss `ke_tf.selection` can select by). Metric learning
 (sec. 3.4, appendix C.2): Recall@K of retrieval among the test embeddings, and the Normalized
 Mutual Information NMI = I(Omega, C) / sqrt(H(Omega) H(C)) of a K-means clustering of them.
 """
@@ -48,6 +49,19 @@ def topk_accuracy(logits, labels, k: int) -> float:
     rank = np.sum(logits > label_logits, axis=1) + np.sum(
         (logits == label_logits) & lower_index, axis=1)
     return float(100.0 * np.mean(rank < k))
+
+
+def cross_entropy(logits, labels) -> float:
+    """Mean -log softmax(logits)[label] over the samples (natural log; float64, a stable
+    log-sum-exp, so a large logit gives a large loss, never inf or NaN; NaN logits give NaN)."""
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],) or logits.shape[0] == 0:
+        raise ValueError(f"`logits` must be [N, C] with N > 0 and `labels` [N]. Received: "
+                         f"logits.shape={logits.shape}, labels.shape={labels.shape}")
+    top = logits.max(axis=1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    return float(np.mean(log_norm - logits[np.arange(len(labels)), labels]))
 
 
 def recall_at_k(embeddings, labels, ks=(1, 2, 4, 8)) -> dict:

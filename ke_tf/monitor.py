@@ -7,7 +7,9 @@ Layout under `<run_dir>/tensorboard/`:
   network row of results.csv (dense, slim, slim_recal; `test_top1`... or `recall_at_1`...),
   `train/top1`, `train/loss`, and the mean |w| of the fit and reset hypotheses per layer
   (`fit/<layer>`, `reset/<layer>`, paper Fig. 7 and 15) with histograms of both
-  (`hypotheses/fit`, `hypotheses/reset`); the run's flags as text (`flags`) at step 0;
+  (`hypotheses/fit`, `hypotheses/reset`), the generation each shipped network is selected
+  from so far (`selected/dense`, `selected/slim`: `ke_tf.selection`) and, when --patience
+  stopped the run, why (`stopped`, text); the run's flags as text (`flags`) at step 0;
 - the directory itself: the HParams plugin's data, one session per run: the flags that tell
   runs apart (`HPARAMS`: method, split mode and rate, architecture, dataset...) and the metrics
   to compare them by (`METRICS`, read from `generations/`), so that
@@ -31,7 +33,7 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
-from ke_tf import config as C
+from ke_tf import config as C, selection
 from ke_tf.hooks import Hook
 
 # The flags that tell runs apart in the HParams dashboard, with their domains.
@@ -174,9 +176,25 @@ class Monitor(Hook):
     def generation_end(self, run, state, evaluation) -> None:
         self.log_generation(evaluation.generation, evaluation.rows, run.task.columns,
                             evaluation.train, evaluation.hypotheses)
-        self.print_table(state.rows, [c for c in run.columns if c not in
-                                      ("method", "split_mode", "split_rate", "macs")
-                                      and any(r[c] != "" for r in state.rows)])
+        self.log_selection(evaluation.generation, state.selected, state.stopped)
+        rows = run.rows()
+        self.print_table(rows, [c for c in run.columns if c not in
+                                ("method", "split_mode", "split_rate", "macs", "stopped")
+                                and any(r[c] != "" for r in rows)])
+        if self.verbose and run.config.select_by != selection.LAST:
+            print(f"selected by {run.config.select_by}: {selection.describe(state.selected)}")
+        if self.verbose and state.stopped:
+            print(state.stopped, flush=True)
+
+    def log_selection(self, generation: int, selected: Dict[str, int], stopped: str) -> None:
+        """`selected/<net>`: the generation each shipped network would ship after this one;
+        `stopped`: the early stop's reason, as text, at the generation it stopped after."""
+        with self.generations.as_default(step=generation):
+            for name, g in selected.items():
+                tf.summary.scalar(f"selected/{name}", g)
+            if stopped:
+                tf.summary.text("stopped", stopped)
+        self.generations.flush()
 
     def log_generation(self, generation: int, rows: List[Dict], columns, train: Dict[str, float],
                        hypotheses: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> None:

@@ -18,12 +18,28 @@ HYPOTHESES = "hypotheses.csv"
 HYPOTHESES_COLUMNS = ("generation", "variable", "fit_mean_abs", "reset_mean_abs")
 HEAD_COLUMNS = ("generation", "net", "method", "split_mode", "split_rate")
 COST_COLUMNS = ("params", "macs", "seconds")
+# Which rows the run ships (`ke_tf.selection`: 1 on the selected generation's row of the dense
+# and of the shipped slim network) and, on the last generation's rows of a run stopped by
+# --patience, why it stopped.
+SELECTION_COLUMNS = ("selected", "stopped")
 
 
 def columns(task) -> List[str]:
     """results.csv's columns for a `ke_tf.tasks.Task`: which generation and network, the task's
-    evaluation columns, the last epoch's training metrics, the network's cost and the seconds."""
-    return list(HEAD_COLUMNS + task.columns + task.train_columns + COST_COLUMNS)
+    evaluation columns, the last epoch's training metrics, the network's cost and the seconds,
+    and the selection marks."""
+    return list(HEAD_COLUMNS + task.columns + task.train_columns + COST_COLUMNS
+                + SELECTION_COLUMNS)
+
+
+def marked(rows: List[Dict], selected_rows: Dict[str, int], stopped: str) -> List[Dict]:
+    """Copies of `rows` with their selection cells: "selected" 1 on the row of every
+    {row name: generation} of `selected_rows`, "stopped" the early stop's reason on the last
+    generation's rows."""
+    last = max((int(r["generation"]) for r in rows), default=0)
+    return [dict(r, selected=1 if selected_rows.get(r["net"]) == int(r["generation"]) else "",
+                 stopped=stopped if stopped and int(r["generation"]) == last else "")
+            for r in rows]
 
 
 def row(columns: Sequence[str], *, generation: int, net: str, method, train: Dict,
@@ -67,5 +83,5 @@ class Tables(Hook):
         self.run_dir, self.columns = run_dir, list(columns)
 
     def generation_end(self, run, state, evaluation) -> None:
-        write_csv(os.path.join(self.run_dir, RESULTS), state.rows, self.columns)
+        write_csv(os.path.join(self.run_dir, RESULTS), run.rows(), self.columns)
         write_csv(os.path.join(self.run_dir, HYPOTHESES), state.hypotheses, HYPOTHESES_COLUMNS)

@@ -9,17 +9,19 @@ where their flags do and are run from here:
 - each flag's own range and the rules between flags of `ke_tf.config` (`RunConfig.validate`);
 - the method's own flags (`ke_tf.methods`: a method declares them as `Setting`s, each with
   its rule) and the method's rules (`Method.validate`);
+- the generation a run ships (`ke_tf.selection`): --select_by names a validation metric of the
+  task;
 - the network: ke_tf's architectures need an image size they can shrink (`min_image_size`),
   a network given from Python needs --arch=custom and no --strategy;
-- two rules that need facts only the run knows, run where it knows them:
-  `check_classes` (the loss and the number of classes) and `check_replicas` (the global batch
-  and the devices of --strategy).
+- rules that need facts only the run knows, run where it knows them: `check_classes` (the
+  loss and the number of classes), `check_replicas` (the global batch and the devices of
+  --strategy) and `selection.check_validation` (a validation split to select by).
 """
 from __future__ import annotations
 
 from typing import Dict, Optional
 
-from ke_tf import methods
+from ke_tf import methods, selection
 from ke_tf.config import CUSTOM_ARCH, ConfigError, RunConfig
 
 
@@ -46,6 +48,7 @@ def check(config: RunConfig, network_given: Optional[bool] = None) -> RunConfig:
     for name, value in config.method_flags.items():
         declared[name].check(name, value)
     methods.get(config.method).validate(config)
+    selection.check(config)
     _check_network(config, network_given)
     return config
 

@@ -19,7 +19,9 @@ class RunState:
     finished: the whole run is done (exported). rows / hypotheses: results.csv and
     hypotheses.csv so far; train: the last epoch's training metrics ("train_loss", ...);
     seconds: time spent on this generation before `since` (a resumed generation's earlier
-    time)."""
+    time). selected: {shipped network ("dense", "slim"): the generation it ships so far}
+    (`ke_tf.selection`); stopped: why the run stopped early ("" while it goes on, and when it
+    trained every generation)."""
 
     generation: int = 1
     epoch: int = 0
@@ -29,6 +31,8 @@ class RunState:
     hypotheses: List[Dict] = dataclasses.field(default_factory=list)
     train: Dict[str, float] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
+    selected: Dict[str, int] = dataclasses.field(default_factory=dict)
+    stopped: str = ""
     since: float = dataclasses.field(default_factory=time.time, compare=False, repr=False)
 
     def elapsed(self) -> float:

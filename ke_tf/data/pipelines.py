@@ -295,23 +295,30 @@ def anchors_then_partners(images: tf.Tensor, labels: tf.Tensor):
 
 
 def _metric(cfg: DataConfig, src: Source) -> Data:
-    """P x K training batches from per-class streams; train_plain and test as for classification."""
-    train, test = src.splits["train"], src.splits["test"]
+    """P x K training batches from per-class streams; train_plain, val and test as for
+    classification (val: class-disjoint validation classes, where the run has them)."""
+    train = src.splits["train"]
     pk, steps, plain = _pk_stream(cfg, src, train, cfg.p_classes, cfg.k_images,
                                   (f"--p_classes={cfg.p_classes}", f"--k_images={cfg.k_images}"))
-    n_train, n_test = len(train.labels), len(test.labels)
+    held = {split: src.splits[split] for split in ("test", "val") if split in src.splits}
+    n_train = len(train.labels)
     image_bytes = src.side * src.side * 3
-    cache_test = (n_train + n_test) * image_bytes <= CACHE_BYTES
-
+    budget = CACHE_BYTES - n_train * image_bytes
     plain = plain().apply(tf.data.experimental.assert_cardinality(n_train))
 
-    test_ds = tf.data.Dataset.from_tensor_slices((test.raw, test.labels)).map(
-        lambda raw, y: (src.decode(raw), y), num_parallel_calls=AUTOTUNE)
+    evaluated = {}
+    for split, pool in held.items():  # test first: cached while memory lasts
+        ds = tf.data.Dataset.from_tensor_slices((pool.raw, pool.labels)).map(
+            lambda raw, y: (src.decode(raw), y), num_parallel_calls=AUTOTUNE)
+        budget -= len(pool.labels) * image_bytes
+        evaluated[split] = _evaluation(ds.cache() if budget >= 0 else ds, cfg)
+    test, val = held["test"], held.get("val")
     info = DatasetInfo(
         name=cfg.dataset, num_classes=len(train.class_names), class_names=train.class_names,
-        image_size=cfg.image_size, num_train=n_train, num_test=n_test, num_val=0, has_val=False,
+        image_size=cfg.image_size, num_train=n_train, num_test=len(test.labels),
+        num_val=0 if val is None else len(val.labels), has_val=val is not None,
         num_test_classes=len(test.class_names), test_class_names=test.class_names,
         skipped_files=src.skipped)
     return Data(info=info, train_from=lambda first: pk(first).prefetch(AUTOTUNE),
                 steps_per_epoch=steps, train_plain=_evaluation(plain, cfg),
-                val=None, test=_evaluation(test_ds.cache() if cache_test else test_ds, cfg))
+                val=evaluated.get("val"), test=evaluated["test"])

@@ -8,13 +8,22 @@ task="classification" (`read_source`'s splits: train, test and, where there is o
   caltech_birds2011, stanford_dogs, cars196: tfds, train / test.
   folder:PATH        PATH/{train,test}/<class>/<image>, optional PATH/val/<class>/<image>.
 
-task="metric" (sec. 4.2): the standard class-disjoint protocols, no validation split, each split
-a `Pool` held in memory:
+task="metric" (sec. 4.2): the standard class-disjoint protocols, without a validation split of
+their own, each split a `Pool` held in memory:
   digits             all 1797 images: classes 0-4 train, 5-9 test (`digits_per_class` unused).
   caltech_birds2011  all 11,788 images of tfds' train and test: classes 0-99 train, 100-199 test.
   cars196            all 16,185 images of tfds' train and test: classes 0-97 train, 98-195 test.
-  folder:PATH        PATH/train/<class> and PATH/test/<class>, each with its own classes.
+  folder:PATH        PATH/train/<class>, PATH/test/<class> and optionally PATH/val/<class>,
+                     each with its own classes.
 Train labels index the training classes, test labels the test classes, both from 0.
+
+Validation (`--val_fraction=F`, `hold_out`): a dataset without a validation split of its own
+gets one, drawn with the fixed seed VAL_SEED (the same for every --seed, on every worker and on
+resume): classification holds out the share F of every training class (rounded to the nearest
+image); digits, whose training split is only `digits_per_class` images a class, takes the share
+F of every class's non-training images instead, and its test split keeps the rest; metric
+learning holds out the share F of the training classes, whole (val classes are disjoint from
+both train and test). A dataset with its own validation split refuses F > 0.
 
 A tfds dataset that is not prepared is downloaded (raw files taken from --manual_dir when there);
 without network that fails at once with a DataError saying where the data goes. For
@@ -28,6 +37,7 @@ skip_corrupt_images is left out. `Source.decode` decodes one image to uint8 RGB 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Callable, Optional
 from urllib.parse import urlsplit
@@ -51,6 +61,7 @@ TFDS_SPLITS = {
 }
 # Metric learning: the first n classes of the source train, the others test.
 METRIC_TRAIN_CLASSES = {"digits": 5, "caltech_birds2011": 100, "cars196": 98}
+VAL_SEED = 1  # the draw of a --val_fraction split: fixed, so every --seed validates alike
 
 
 class DataError(ConfigError):
@@ -96,7 +107,84 @@ def read_source(cfg: DataConfig) -> Source:
         source = _folder
     else:
         source = _tfds
-    return source(cfg)
+    src = source(cfg)
+    if cfg.val_fraction and not (cfg.dataset == "digits" and cfg.task == "classification"):
+        src = _with_validation(src, cfg)  # digits draws its own, from the non-training pool
+    return src
+
+
+def hold_out(labels: np.ndarray, fraction: float, class_names, images: str,
+             left: str = "training") -> np.ndarray:
+    """Which of `labels` go to validation: in every class the share `fraction` of its images
+    (rounded to the nearest), drawn with VAL_SEED. DataError (naming --val_fraction) if a class
+    would keep no validation image or no `left` image; `images` says what the labels are."""
+    rng = np.random.RandomState(VAL_SEED)
+    held = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n = int(math.floor(fraction * len(members) + 0.5))
+        if n in (0, len(members)):
+            raise DataError(
+                f"--val_fraction={fraction:g} leaves class {class_names[c]!r} ({len(members)} "
+                f"{images}) without a {'validation' if n == 0 else left} image; choose a "
+                f"fraction that keeps both. Received: val_fraction={fraction!r}")
+        held[rng.permutation(members)[:n]] = True
+    return held
+
+
+def _with_validation(src: Source, cfg: DataConfig) -> Source:
+    """`src` with a validation split held out of its training split (`hold_out`)."""
+    if "val" in src.splits:
+        raise DataError(f"--val_fraction: --dataset={cfg.dataset} has a validation split of its "
+                        f"own, which the run uses; leave --val_fraction at 0. Received: "
+                        f"val_fraction={cfg.val_fraction!r}")
+    splits = dict(src.splits)
+    if cfg.task == "metric":  # whole classes, disjoint from the training and test classes
+        splits["train"], splits["val"] = _validation_classes(splits["train"], cfg)
+    else:
+        ds, n = splits["train"]
+        labels = np.fromiter(ds.map(lambda raw, y: y).as_numpy_iterator(), np.int32, n)
+        held = tf.constant(hold_out(labels, cfg.val_fraction, src.class_names,
+                                    "training images"))
+
+        def part(keep):
+            return ds.enumerate().filter(lambda i, xy: tf.equal(held[i], keep)).map(
+                lambda i, xy: xy)
+
+        splits["train"] = (part(False), n - int(np.sum(held)))
+        splits["val"] = (part(True), int(np.sum(held)))
+    return dataclasses.replace(src, splits=splits)
+
+
+def _validation_classes(pool: "Pool", cfg: DataConfig) -> tuple:
+    """(train, val) Pools of a metric-learning training pool: the share --val_fraction of its
+    classes (rounded to the nearest, drawn with VAL_SEED) validates, the others train."""
+    names = pool.class_names
+    n = int(math.floor(cfg.val_fraction * len(names) + 0.5))
+    if n < 2 or len(names) - n < cfg.p_classes:
+        raise DataError(
+            f"--val_fraction={cfg.val_fraction:g} with --task=metric holds out {n} of the "
+            f"{len(names)} training classes of --dataset={cfg.dataset} for a class-disjoint "
+            f"validation split, which needs at least 2 of them and leaves at least "
+            f"--p_classes={cfg.p_classes} to train on; this dataset's protocol cannot, so "
+            f"leave --val_fraction at 0. Received: val_fraction={cfg.val_fraction!r}")
+    val_classes = np.sort(np.random.RandomState(VAL_SEED).permutation(len(names))[:n])
+    return _split_classes(pool, val_classes)
+
+
+def _split_classes(pool: "Pool", chosen: np.ndarray) -> tuple:
+    """(the pool without the classes `chosen`, the pool of only those), labels re-indexed
+    from 0 in class order, image order kept."""
+    def sub(classes):
+        index = np.full(len(pool.class_names), -1)
+        index[classes] = np.arange(len(classes))
+        take = np.flatnonzero(np.isin(pool.labels, classes))
+        raw = pool.raw[take] if isinstance(pool.raw, np.ndarray) else tf.gather(pool.raw, take)
+        return Pool(raw, index[pool.labels[take]].astype(np.int32),
+                    tuple(pool.class_names[c] for c in classes))
+
+    rest = np.setdiff1d(np.arange(len(pool.class_names)), chosen)
+    return sub(rest), sub(chosen)
 
 
 def _class_disjoint(raw, labels: np.ndarray, class_names, n_train: int) -> dict:
@@ -134,8 +222,12 @@ def _digits(cfg: DataConfig):
                             for c in range(10)])
     train = rng.permutation(train)  # classes mixed, so any prefix of train_plain is balanced
     test = np.setdiff1d(np.arange(len(labels)), train)
+    parts = {"train": train, "test": test}
+    if cfg.val_fraction:  # from the non-training pool: the 10-a-class training split stays
+        held = hold_out(labels[test], cfg.val_fraction, names, "non-training images", "test")
+        parts.update(val=test[held], test=test[~held])
     splits = {name: (tf.data.Dataset.from_tensor_slices((images[idx], labels[idx])), len(idx))
-              for name, idx in (("train", train), ("test", test))}
+              for name, idx in parts.items()}
     return Source(names, splits, decode, size, DIGITS)
 
 
@@ -155,8 +247,8 @@ def _natural(class_names, splits, cfg: DataConfig, paths: bool = False,
 
 def _folder(cfg: DataConfig):
     """Image folders PATH/{train,val,test}/<class>/<image>; class names sorted; labels index the
-    training classes (task="metric": train and test each index their own classes, val is
-    unused). Hidden files are skipped; every other file must be JPEG/PNG/GIF/BMP."""
+    training classes (task="metric": train, val and test each index their own classes, which
+    must be disjoint). Hidden files are skipped; every other file must be JPEG/PNG/GIF/BMP."""
     root = os.path.expanduser(cfg.dataset[len("folder:"):])
     flag = f"--dataset={cfg.dataset}"
     for split in ("train", "test"):
@@ -171,8 +263,17 @@ def _folder(cfg: DataConfig):
             raise DataError(f"{flag} with --task=metric: {root}/train and {root}/test share "
                             f"classes ({', '.join(shared[:5])}); metric learning needs "
                             f"class-disjoint train and test classes")
+        splits = ["train", "test"]
+        if os.path.isdir(os.path.join(root, "val")):  # its own classes, disjoint from both
+            shared = sorted(set(_class_dirs(os.path.join(root, "val"))) & (
+                set(classes) | set(_class_dirs(os.path.join(root, "test")))))
+            if shared:
+                raise DataError(f"{flag} with --task=metric: {root}/val shares classes with "
+                                f"train or test ({', '.join(shared[:5])}); a metric-learning "
+                                "validation split needs classes of its own")
+            splits.append("val")
         pools, skipped = {}, []
-        for split in ("train", "test"):
+        for split in splits:
             names = _class_dirs(os.path.join(root, split))
             files, labels = _images(os.path.join(root, split), names, flag,
                                     cfg.skip_corrupt_images, skipped)
