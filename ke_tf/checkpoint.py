@@ -146,6 +146,16 @@ def prune(run_dir: str, keep: Optional[int], protected=()) -> None:
             shutil.rmtree(generation_dir(run_dir, g), ignore_errors=True)
 
 
+def shipped_generation(run_dir: str, net: str) -> Optional[int]:
+    """The generation that `run_dir`'s run ships of network `net` ("dense", "slim") as far as
+    it got (`RunState.selected` in `checkpoints/last`); None if it records none."""
+    path = os.path.join(last_dir(run_dir), STATE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("selected", {}).get(net)
+
+
 @dataclasses.dataclass
 class Loaded:
     """The networks of one finished generation, rebuilt from a run directory."""

@@ -14,6 +14,7 @@ The command line exports a network of a finished (or interrupted) run from its c
     python -m ke_tf.export RUN_DIR --format=saved_model|tflite|keras --net=dense|slim \
         [--generation=N]
 
+of the generation the run ships (`--select_by`'s, by default the last), or of generation N,
 into `RUN_DIR/export/`: `<net>/` (SavedModel), `<net>.tflite` or `<net>.keras`, named
 `<net>-g<N>...` with --generation; the slim network is the BatchNorm-recalibrated one when the run
 recalibrates. Classification runs also get `class_names.txt` there (one name a line, the order of
@@ -121,7 +122,8 @@ def write_class_names(directory: str, class_names: Sequence[str]) -> str:
 
 
 def export_run(run_dir: str, fmt: str, net: str, generation: int | None = None) -> str:
-    """Exports network `net` of `run_dir`'s last (or `generation`'s) checkpoint into
+    """Exports network `net` of the generation `run_dir` ships (the one --select_by selected,
+    by default the last kept), or of `generation`, from its checkpoint into
     `run_dir/export/`; returns the path written. Raises ConfigError for a run directory or
     generation without a checkpoint, or a network the run does not have."""
     if fmt not in FORMATS:
@@ -130,7 +132,8 @@ def export_run(run_dir: str, fmt: str, net: str, generation: int | None = None) 
         raise ConfigError(f"RUN_DIR {run_dir} is not a directory. Received: run_dir={run_dir!r}")
     from ke_tf import checkpoint  # the networks and the run's configuration
 
-    loaded = checkpoint.load_networks(run_dir, generation)
+    loaded = checkpoint.load_networks(run_dir, generation if generation is not None
+                                      else checkpoint.shipped_generation(run_dir, net))
     if net not in loaded.nets:
         raise ConfigError(f"--net={net}: {run_dir} has no {net} network (it has "
                           f"{', '.join(sorted(loaded.nets))}; only KELS runs of --method=ke or "

@@ -23,8 +23,8 @@ def png(path, size=20):
     return data
 
 
-def folder(root, corrupt=False, per_class=3, classes=("a", "b")):
-    for split in ("train", "test"):
+def folder(root, corrupt=False, per_class=3, classes=("a", "b"), splits=("train", "test")):
+    for split in splits:
         for c in classes:
             for i in range(per_class):
                 data = png(os.path.join(root, split, c, f"{i}.png"))
@@ -73,6 +73,20 @@ CASES = {
                         "--image_size must be >= 32 for --arch=vgg11_bn with the small stem. "
                         "Received: image_size=16"),
     "unwritable_run_dir": (["--run_dir={tmp}/a_file/run"], "--run_dir is not writable: "),
+    "select_by_unknown": (["--select_by=val_acc"], "--select_by must be one of last, val_top1, "
+                          "val_top5, val_loss for --task=classification. Received: "
+                          "select_by='val_acc'"),
+    "select_by_without_validation": (["--select_by=val_top1"], "--select_by=val_top1 needs a "
+                                     "validation split, and --dataset=digits has none: pass "
+                                     "--val_fraction"),
+    "patience_without_select_by": (["--patience=3"], "--patience needs --select_by naming a "
+                                   "validation metric (e.g. val_top1)"),
+    "val_fraction_empties_a_class": (["--val_fraction=0.001"], "--val_fraction=0.001 leaves "
+                                     "class '0' (168 non-training images) without a "
+                                     "validation image"),
+    "val_fraction_with_own_validation": (["--dataset=folder:{withval}", "--val_fraction=0.5",
+                                          "--batch_size=4"], "has a validation split of its "
+                                          "own, which the run uses; leave --val_fraction at 0"),
     "missing_tf_config": (["--strategy=multi_worker"], "--strategy=multi_worker: the environment "
                           "variable TF_CONFIG is not set"),
 }
@@ -86,6 +100,8 @@ def test_bad_input_exits_2_names_the_problem_and_writes_nothing(case, tmp_path, 
     paths = {"tmp": tmp}
     if any("{corrupt}" in a for a in args):
         paths["corrupt"] = folder(os.path.join(tmp, "images"), corrupt=True)
+    if any("{withval}" in a for a in args):
+        paths["withval"] = folder(os.path.join(tmp, "images"), splits=("train", "val", "test"))
     if any("{metric}" in a for a in args):
         paths["metric"] = metric_folder(os.path.join(tmp, "images"))
     (tmp_path / "a_file").write_text("not a directory")

@@ -489,3 +489,81 @@ def test_folder_metric_needs_class_disjoint_train_and_test(tmp_path):
                      p_classes=2, k_images=2)
     with pytest.raises(data.DataError, match="bee"):
         data.load(cfg)
+
+
+# -----------------------------------------------------------------------------
+# --val_fraction: a validation split for datasets without one
+
+def fingerprints(ds):
+    """A hashable fingerprint per image of `ds` (its bytes after evaluation preprocessing)."""
+    return {x.tobytes() for x in arrays(ds)[0]}
+
+
+def test_digits_validation_comes_from_the_non_training_pool():
+    d = data.load(digits_config(image_size=16, val_fraction=0.2))
+    info = d.info
+    assert (info.num_train, info.num_val, info.num_test, info.has_val) == (100, 339, 1358, True)
+    _, y_val = arrays(d.val)
+    all_counts = np.array([178, 182, 177, 183, 181, 182, 181, 179, 174, 180])  # load_digits()
+    np.testing.assert_array_equal(np.bincount(y_val), np.floor((all_counts - 10) * 0.2 + 0.5))
+    np.testing.assert_array_equal(np.bincount(arrays(d.train_plain)[1]), [10] * 10)
+    train, val, test = (fingerprints(ds) for ds in (d.train_plain, d.val, d.test))
+    assert not (val & test) and not (val & train)
+    # the split is the same for every --seed; without --val_fraction nothing changes
+    other = data.load(digits_config(image_size=16, val_fraction=0.2, seed=5))
+    assert fingerprints(other.val) == val
+    assert data.load(digits_config(image_size=16)).info.num_test == 1697
+
+
+def test_folder_validation_is_a_stratified_share_of_training(tmp_path):
+    make_folder(tmp_path, {"train": {"a": 6, "b": 3, "c": 4}, "test": {"a": 1, "c": 1}})
+    whole = data.load(DataConfig(dataset=f"folder:{tmp_path}", image_size=16, batch_size=4))
+    d = data.load(DataConfig(dataset=f"folder:{tmp_path}", image_size=16, batch_size=4,
+                             val_fraction=0.34))
+    info = d.info
+    assert (info.num_train, info.num_val, info.num_test) == (9, 4, 2)
+    np.testing.assert_array_equal(np.bincount(arrays(d.val)[1]), [2, 1, 1])
+    np.testing.assert_array_equal(np.bincount(arrays(epoch(d, 0))[1]), [4, 2, 3])
+    train, val = fingerprints(d.train_plain), fingerprints(d.val)
+    assert not (train & val) and train | val == fingerprints(whole.train_plain)
+    with pytest.raises(data.DataError, match=r"--val_fraction=0.1 leaves class 'b' \(3 training "
+                                             r"images\) without a validation image"):
+        data.load(DataConfig(dataset=f"folder:{tmp_path}", image_size=16, val_fraction=0.1))
+    with pytest.raises(data.DataError, match="without a training image"):
+        data.load(DataConfig(dataset=f"folder:{tmp_path}", image_size=16, val_fraction=0.9))
+    make_folder(tmp_path, {"val": {"a": 1}})  # a validation split of its own wins
+    with pytest.raises(data.DataError, match=f"--val_fraction: --dataset=folder:{tmp_path} has a "
+                                             "validation split of its own"):
+        data.load(DataConfig(dataset=f"folder:{tmp_path}", image_size=16, val_fraction=0.34))
+
+
+def test_tfds_validation_fraction_mocked():
+    with tfds.testing.mock_data(num_examples=6), \
+            mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", lambda self: True):
+        with pytest.raises(data.DataError, match="--dataset=oxford_flowers102 has a validation "
+                                                 "split of its own"):
+            data.load(DataConfig(dataset="oxford_flowers102", image_size=32, val_fraction=0.2))
+        # mock_data's 6 images fall in 6 of the 120 classes, one each: 0.5 keeps no training
+        # image of theirs (the holdout read the labels of tfds' records)
+        with pytest.raises(data.DataError, match=r"\(1 training images\) without a training"):
+            data.load(DataConfig(dataset="stanford_dogs", image_size=32, val_fraction=0.5))
+
+
+def test_metric_validation_classes_are_disjoint(tmp_path):
+    d = data.load(metric_config(image_size=16, p=2, k=2, val_fraction=0.4))
+    info = d.info
+    assert (info.num_classes, info.has_val) == (3, True)
+    assert info.num_train + info.num_val + info.num_test == 1797
+    y_val = arrays(d.val)[1]
+    assert sorted(set(y_val)) == [0, 1] and info.num_val == len(y_val)  # 2 classes, from 0
+    assert not (fingerprints(d.val) & fingerprints(d.train_plain))
+    with pytest.raises(data.DataError, match="leaves at least --p_classes=5 to train on"):
+        data.load(metric_config(image_size=16, p=5, k=2, val_fraction=0.4))
+    # a folder's own val/ classes, disjoint from train and test
+    make_folder(tmp_path, {"train": {"a": 2, "c": 2}, "val": {"v": 2, "w": 1},
+                           "test": {"x": 2}})
+    d = data.load(metric_config(dataset=f"folder:{tmp_path}", image_size=16, p=2, k=2))
+    assert (d.info.num_val, sorted(set(arrays(d.val)[1]))) == (3, [0, 1])
+    make_folder(tmp_path, {"val": {"x": 1}})
+    with pytest.raises(data.DataError, match="val shares classes with train or test"):
+        data.load(metric_config(dataset=f"folder:{tmp_path}", image_size=16, p=2, k=2))

@@ -23,7 +23,12 @@ KELS = TINY + ["--split_mode=kels", "--split_rate=0.5"]
 WELS_RAND = TINY + ["--split_mode=wels", "--split_rate=0.5", "--wels_rand", "--noexport"]
 # The runs of the matrix: {name: (flags, generations of the run)}. RePr and DSD-on-its-own train
 # one generation of 2 x 3 = 6 epochs and change weights inside it (after epochs 2/3 and 3/4).
-RUNS = {"kels": (KELS, 2), "wels_rand": (WELS_RAND, 2),
+# A run that --patience stops after generation 2 of 3 (min_delta 1000: nothing after the first
+# gains), shipping generation 1.
+STOPPING = [f for f in KELS if f != "--generations=2"] + [
+    "--generations=3", "--val_fraction=0.1", "--select_by=val_top1", "--patience=1",
+    "--min_delta=1000"]
+RUNS = {"kels": (KELS, 2), "wels_rand": (WELS_RAND, 2), "stopping": (STOPPING, 2),
         "repr": (TINY + ["--method=repr", "--repr_s1=2", "--repr_s2=1", "--noexport"], 1),
         "dsd_only": (TINY + ["--method=dsd_only", "--noexport"], 1)}
 
@@ -112,6 +117,10 @@ CHAINS = {
         ("sparse_phase", "kill:batch:5", (1, 2, False)),  # filters dropped after epoch 2, held
         ("after_restore", "kill:epoch:2", (1, 4, False)),  # re-initialized orthogonally after 3
     ]),
+    "early_stop": ("stopping", [
+        ("stopping_generation", "kill:evaluated:2", (2, 3, True)),  # stop decided, not exported
+        ("during_export", "kill:export:1", (2, 3, True)),  # the selected dense exported
+    ]),
     "dsd_only": ("dsd_only", [
         ("sparse_phase", "kill:batch:7", (1, 3, False)),  # pruned after epoch 3, held
     ]),
@@ -146,12 +155,13 @@ def ends_as_uninterrupted(run_dir, name, reference):
     ref = reference(name)
     rows = results(run_dir)
     assert rows == results(ref)  # --deterministic: the same accuracies, to the last digit
-    nets = ("dense", "slim", "slim_recal") if name == "kels" else ("dense",)
+    kels = name in ("kels", "stopping")
+    nets = ("dense", "slim", "slim_recal") if kels else ("dense",)
     assert [(r["generation"], r["net"]) for r in rows] == [
         (str(g), n) for g in range(1, generations + 1) for n in nets]  # one row each
     assert digest(os.path.join(run_dir, "masks.npz")) == digest(os.path.join(ref, "masks.npz"))
     assert checkpoint.kept_generations(run_dir) == list(range(1, generations + 1))
-    if name == "kels":  # the shipped networks are the uninterrupted run's, weight for weight
+    if kels:  # the shipped networks are the uninterrupted run's, weight for weight
         import tensorflow as tf
 
         x = tf.random.stateless_normal((4, 16, 16, 3), seed=(1, 2))

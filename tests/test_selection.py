@@ -108,6 +108,12 @@ def test_early_stop_ships_exports_and_keeps_the_selected_generation(tmp_path):
         np.testing.assert_allclose(out, kept[name](x, training=False).numpy(), atol=1e-5)
         np.testing.assert_allclose(out, shipped(x, training=False).numpy(), atol=1e-5)
         assert not np.allclose(out, last[name](x, training=False).numpy(), atol=1e-3)
+    # `python -m ke_tf.export RUN_DIR` exports the selected generation too, unless told another
+    from ke_tf import export
+
+    path = export.export_run(str(run_dir), "keras", "slim")
+    np.testing.assert_allclose(export.load_keras(path)(x, training=False).numpy(),
+                               kept["slim"](x, training=False).numpy(), atol=1e-5)
     # TensorBoard: the selected generations and the reason, by generation
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
