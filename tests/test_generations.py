@@ -61,9 +61,14 @@ def test_results_csv(digits_run):
     table = read_csv(run_dir / "results.csv")
     assert list(table[0]) == [
         "generation", "net", "method", "split_mode", "split_rate", "test_top1", "test_top5",
-        "val_top1", "val_top5", "train_loss", "train_top1", "train_top5", "params", "macs", "seconds"]
+        "val_top1", "val_top5", "val_loss", "train_loss", "train_top1", "train_top5", "params",
+        "macs", "seconds", "selected", "stopped"]
     assert [(r["generation"], r["net"]) for r in table] == [
         (str(g), n) for g in (1, 2, 3) for n in ("dense", "slim", "slim_recal")]
+    # --select_by=last: the last generation's dense and recalibrated slim rows are shipped
+    assert [(r["generation"], r["net"]) for r in table if r["selected"] == "1"] == [
+        ("3", "dense"), ("3", "slim_recal")]
+    assert all(r["stopped"] == "" for r in table)
     for r in table:
         assert 0 <= float(r["test_top1"]) <= float(r["test_top5"]) <= 100
         assert 0 <= float(r["train_top1"]) <= 100 and float(r["train_loss"]) > 0
