@@ -49,9 +49,8 @@ flags.DEFINE_integer("k_images", D["k_images"], "--task=metric: images per class
                      module_name=DATA)
 flags.DEFINE_integer("digits_per_class", D["digits_per_class"], "digits: training images per class (the rest is the "
                      "test split).", lower_bound=1, upper_bound=150, module_name=DATA)
-flags.DEFINE_float("val_fraction", D["val_fraction"], "A validation split for a dataset without "
-                   "one: this stratified share of each training class (digits: of its "
-                   "non-training images; --task=metric: of the training classes).",
+flags.DEFINE_float("val_fraction", D["val_fraction"], "Validation share held out of each training "
+                   "class (digits: of its test pool; metric: of the classes).",
                    lower_bound=0.0, upper_bound=0.99, module_name=DATA)
 flags.DEFINE_integer("recal_images", D["recal_images"], "Training images that re-estimate the slim network's "
                      "BatchNorm statistics.", lower_bound=1, module_name=DATA)
@@ -182,9 +181,8 @@ flags.DEFINE_integer("keep_generations", None, "Per-generation checkpoints to ke
                      "recent [default: all].", lower_bound=1, module_name=RUN)
 flags.DEFINE_boolean("export", D["export"], "Export the shipped networks (--select_by) as "
                      "SavedModels.", module_name=RUN)
-flags.DEFINE_string("select_by", D["select_by"], "The generation shipped, exported and returned, "
-                    "for the dense and the slim network each: last, or a validation column of "
-                    "results.csv (val_top1, val_top5, val_loss; val_recall_at_1, ..., val_nmi).",
+flags.DEFINE_string("select_by", D["select_by"], "The generation to ship: last, or a validation "
+                    "column (val_top1, val_loss, val_recall_at_1, ...).",
                     module_name=RUN)
 flags.DEFINE_integer("patience", D["patience"], "Stop after this many generations without a "
                      "gain on --select_by (0: train every generation).", lower_bound=0,

@@ -176,9 +176,12 @@ def test_metric_learning_run_on_digits(tmp_path):
     table = read_csv(tmp_path / "results.csv")
     assert list(table[0]) == [
         "generation", "net", "method", "split_mode", "split_rate", "recall_at_1", "recall_at_2",
-        "recall_at_4", "recall_at_8", "nmi", "train_loss", "params", "macs", "seconds"]
+        "recall_at_4", "recall_at_8", "nmi", "val_recall_at_1", "val_recall_at_2",
+        "val_recall_at_4", "val_recall_at_8", "val_nmi", "train_loss", "params", "macs", "seconds",
+        "selected", "stopped"]
     assert [(r["generation"], r["net"]) for r in table] == [
         (str(g), n) for g in (1, 2) for n in ("dense", "slim", "slim_recal")]
+    assert all(r["val_recall_at_1"] == "" for r in table)  # no --val_fraction: no val split
     for r in rows:
         recalls = [r[f"recall_at_{k}"] for k in (1, 2, 4, 8)]
         assert all(0 <= a <= b <= 100 for a, b in zip(recalls, recalls[1:]))

@@ -179,3 +179,40 @@ def test_a_validation_metric_needs_a_validation_split(tmp_path):
         GenerationRunner(conftest.tiny_config(tmp_path / "run", select_by="val_top1"),
                          verbose=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_early_stopping_tool_tabulates_both_runs(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tiny = ("--image_size=16,--width_multiplier=0.0625,--epochs=1,--digits_per_class=4,"
+            "--batch_size=20,--min_delta=1000")
+    done = subprocess.run([sys.executable, os.path.join(root, "tools", "early_stopping.py"),
+                           "--seeds=0", f"--out={tmp_path}", "--generations=3", "--patience=1",
+                           f"--extra={tiny}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [l for l in done.stdout.splitlines() if l.startswith("| 0 |")]
+    assert [l.split(" | ")[1:3] for l in lines] == [["dense", "2 of 3"], ["slim", "2 of 3"]]
+    assert all("(g1)" in l.split(" | ")[3] for l in lines)  # min_delta 1000: generation 1
+
+
+@pytest.mark.slow
+def test_select_by_alone_ships_the_lowest_validation_loss_of_a_folders_own_split(tmp_path):
+    """--select_by alone (no --patience): every generation is trained, and each shipped network
+    is the generation with the lowest val_loss of its own row, on the folder's own val/."""
+    from ke_tf import evolution
+
+    root = conftest.image_folder(tmp_path / "images", sizes=(("train", 6), ("val", 3),
+                                                             ("test", 3)))
+    config = conftest.tiny_config(tmp_path / "run", data=dict(dataset=f"folder:{root}",
+                                                              batch_size=6),
+                                  train=dict(generations=3), select_by="val_loss", export=False)
+    result = evolution.run(config, verbose=False)
+    assert not result.stopped and len(result.rows) == 3 * 3
+    for name, row in (("dense", "dense"), ("slim", "slim_recal")):
+        losses = {r["generation"]: r["val_loss"] for r in result.rows if r["net"] == row}
+        assert result.selected[name] == min(losses, key=losses.get)
+        assert [r["generation"] for r in result.rows
+                if r["net"] == row and r["selected"] == 1] == [result.selected[name]]
