@@ -235,8 +235,8 @@ class Checkpoints(Hook):
         arrays["masks"] = run.masks
         save(generation_dir(self.run_dir, state.generation),
              dict(run.info, generation=state.generation), arrays)
+        self._last(run, state)  # first: a resume must find the selection it prunes by
         prune(self.run_dir, self.keep, protected=set(state.selected.values()))
-        self._last(run, state)
 
     def run_end(self, run, state) -> None:
         self._last(run, state)

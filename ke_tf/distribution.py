@@ -364,7 +364,8 @@ def fingerprint(run, state) -> list:
 class SameOnEveryWorker(Hook):
     """Under --strategy=multi_worker: when a generation starts (fresh, resumed, or after the
     method's rule between generations), RunError unless every worker holds the same run
-    (`fingerprint`); when the run ends, a barrier, so that no worker leaves before the chief
+    (`fingerprint`); when it was evaluated, RunError unless they select and stop alike; when
+    the run ends, a barrier, so that no worker leaves before the chief
     has exported. First of a multi-worker run's hooks, on every worker."""
 
     def __init__(self, strategy: tf.distribute.Strategy):
@@ -381,6 +382,17 @@ class SameOnEveryWorker(Hook):
                 "reads the chief's checkpoint: --run_dir must be one directory that every "
                 "worker reads (a shared file system), and every worker must run the same "
                 "command, the same ke_tf and TensorFlow")
+
+    def generation_end(self, run, state, evaluation) -> None:
+        """Every worker evaluated on its own: they must agree on what the run ships and
+        whether it stops (`ke_tf.selection`), or they would part ways at the next collective."""
+        mine = [state.selected.get(name, 0) for name in ("dense", "slim")] + [bool(state.stopped)]
+        found = gather(self.strategy, mine)
+        if not (found == found[0]).all():
+            raise RunError(f"--strategy=multi_worker: generation {state.generation}: the workers "
+                           "evaluated the same weights differently (the generation to ship or "
+                           "the early stop differs): every worker must read the same "
+                           "validation and test data")
 
     def run_end(self, run, state) -> None:
         barrier(self.strategy)

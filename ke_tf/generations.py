@@ -150,7 +150,8 @@ class GenerationRunner:
                     state.record(evaluation.rows, evaluation.hypotheses)
                     state.selected = selection.select(state.rows, self.shipped_rows(),
                                                       self.config)
-                    state.stopped = selection.stop_reason(state.selected, g, self.config)
+                    state.stopped = selection.stop_reason(state.selected, g, self.generations,
+                                                          self.config)
                     hooks.generation_end(self, state, evaluation)
                 if state.stopped or g == self.generations:
                     break
@@ -250,8 +251,9 @@ class GenerationRunner:
     def ship_selected(self) -> None:
         """Put the selected generation's weights into every shipped network that does not hold
         them (`state.selected`; the last generation's are in memory), from its checkpoint in
-        `checkpoints/generation_NNN` (kept whatever --keep_generations says). The chief's: the
-        other workers of --strategy=multi_worker neither write nor export."""
+        `checkpoints/generation_NNN` (kept whatever --keep_generations says). The chief's
+        only: the other workers of --strategy=multi_worker, which neither write nor export,
+        keep the last generation's weights (their `state.selected` is the chief's, checked)."""
         if not self.chief:
             return
         for name, net in self.shipped().items():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from ke_tf.config import ConfigError, RunConfig
+from ke_tf.config import IN_MEMORY, ConfigError, RunConfig
 
 LAST = "last"
 LOWER_IS_BETTER = ("val_loss",)
@@ -46,7 +46,7 @@ def check(config: RunConfig) -> None:
     if config.select_by in choices:
         return
     why = f"must be one of {', '.join(choices)} for --task={config.data.task}"
-    if config.select_by == "val_loss":
+    if config.select_by == "val_loss" and config.data.task == "classification":
         why += f" with --loss={config.train.loss}"
     elif not config.select_by.startswith("val_"):
         why += " (a validation metric: selecting on the test split would bias its score)"
@@ -56,10 +56,12 @@ def check(config: RunConfig) -> None:
 def check_validation(config: RunConfig, has_val: bool, dataset: str) -> None:
     """Once the data are read: a metric other than "last" needs a validation split."""
     if config.select_by != LAST and not has_val:
-        raise ConfigError(
-            f"--select_by={config.select_by} needs a validation split, and "
-            f"--dataset={dataset} has none: pass --val_fraction (e.g. 0.2) to hold out part of "
-            "its training data, or validation= from Python")
+        flags = f"--select_by={config.select_by}" + (
+            f" (with --patience={config.patience})" if config.patience else "")
+        remedy = ("pass validation= to ke_tf.evolve" if dataset == IN_MEMORY else
+                  "pass --val_fraction (e.g. 0.2) to hold out part of its training data")
+        raise ConfigError(f"{flags} needs a validation split, and --dataset={dataset} has none: "
+                          f"{remedy}")
 
 
 def _better(value: float, best: float, metric: str, min_delta: float) -> bool:
@@ -100,10 +102,12 @@ def select(rows: List[Dict], shipped_rows: Mapping[str, str], config: RunConfig)
     return {name: g for name, g in chosen.items() if g is not None}
 
 
-def stop_reason(selected: Mapping[str, int], generation: int, config: RunConfig) -> str:
-    """Why the run stops after `generation` with --patience ("" to go on): no shipped network
-    gained for `patience` generations."""
-    if config.patience <= 0 or not selected:
+def stop_reason(selected: Mapping[str, int], generation: int, generations: int,
+                config: RunConfig) -> str:
+    """Why the run stops early after `generation` of `generations` with --patience ("" to go
+    on, and after the last generation: nothing is cut short): no shipped network gained for
+    `patience` generations."""
+    if config.patience <= 0 or not selected or generation >= generations:
         return ""
     newest = max(selected.values())
     if generation - newest < config.patience:

@@ -557,8 +557,14 @@ def test_metric_validation_classes_are_disjoint(tmp_path):
     y_val = arrays(d.val)[1]
     assert sorted(set(y_val)) == [0, 1] and info.num_val == len(y_val)  # 2 classes, from 0
     assert not (fingerprints(d.val) & fingerprints(d.train_plain))
-    with pytest.raises(data.DataError, match="leaves at least --p_classes=5 to train on"):
+    with pytest.raises(data.DataError, match="leaves at least --p_classes=5 to train on: this "
+                                             "dataset's protocol leaves no classes to spare"):
         data.load(metric_config(image_size=16, p=5, k=2, val_fraction=0.4))
+    with pytest.raises(data.DataError, match=r"hold out 2 to 3 classes \(--val_fraction from "
+                                             r"0.3 to 0.698\)"):
+        data.load(metric_config(image_size=16, p=2, k=2, val_fraction=0.1))
+    for fraction in (0.3, 0.698):  # the ends of that range work
+        assert data.load(metric_config(image_size=16, p=2, k=2, val_fraction=fraction)).val
     # a folder's own val/ classes, disjoint from train and test
     make_folder(tmp_path, {"train": {"a": 2, "c": 2}, "val": {"v": 2, "w": 1},
                            "test": {"x": 2}})

@@ -35,11 +35,12 @@ def test_dense_and_slim_are_selected_apart_and_patience_waits_for_both():
     config = cfg(select_by="val_top1", patience=2)
     selected = selection.select(both, {"dense": "dense", "slim": "slim_recal"}, config)
     assert selected == {"dense": 2, "slim": 3}
-    assert selection.stop_reason(selected, 4, config) == ""  # the slim one gained at 3
-    reason = selection.stop_reason(selected, 5, config)
+    assert selection.stop_reason(selected, 4, 10, config) == ""  # the slim one gained at 3
+    assert selection.stop_reason(selected, 5, 5, config) == ""  # the last: nothing cut short
+    reason = selection.stop_reason(selected, 5, 10, config)
     assert reason == ("early stop after generation 5: no gain in val_top1 for 2 generations "
                       "(--patience=2); selected dense N_2, slim H_3")
-    assert selection.stop_reason(selected, 5, cfg(select_by="val_top1")) == ""  # patience 0
+    assert selection.stop_reason(selected, 5, 10, cfg(select_by="val_top1")) == ""  # patience 0
 
 
 @pytest.mark.parametrize("run, message", [
@@ -196,6 +197,8 @@ def test_early_stopping_tool_tabulates_both_runs(tmp_path):
     lines = [l for l in done.stdout.splitlines() if l.startswith("| 0 |")]
     assert [l.split(" | ")[1:3] for l in lines] == [["dense", "2 of 3"], ["slim", "2 of 3"]]
     assert all("(g1)" in l.split(" | ")[3] for l in lines)  # min_delta 1000: generation 1
+    replayed = [l.split(" | ")[:3] for l in done.stdout.splitlines() if l.startswith("| 1 | 0 |")]
+    assert replayed and replayed[0][2] in ("2", "3")  # patience 1 stops after 2, or runs all 3
 
 
 @pytest.mark.slow

@@ -162,12 +162,18 @@ def _validation_classes(pool: "Pool", cfg: DataConfig) -> tuple:
     names = pool.class_names
     n = int(math.floor(cfg.val_fraction * len(names) + 0.5))
     if n < 2 or len(names) - n < cfg.p_classes:
+        most = len(names) - cfg.p_classes  # validation classes that leave P to train on
+        low = math.ceil(1500 / len(names)) / 1000  # rounds to 2 classes
+        high = math.floor(1000 * (most + 0.49) / len(names)) / 1000  # rounds to `most`
+        fix = (f"hold out 2 to {most} classes (--val_fraction from {low:g} to {high:g})"
+               if most >= 2 else
+               "this dataset's protocol leaves no classes to spare, so leave --val_fraction at 0")
         raise DataError(
             f"--val_fraction={cfg.val_fraction:g} with --task=metric holds out {n} of the "
             f"{len(names)} training classes of --dataset={cfg.dataset} for a class-disjoint "
             f"validation split, which needs at least 2 of them and leaves at least "
-            f"--p_classes={cfg.p_classes} to train on; this dataset's protocol cannot, so "
-            f"leave --val_fraction at 0. Received: val_fraction={cfg.val_fraction!r}")
+            f"--p_classes={cfg.p_classes} to train on: {fix}. "
+            f"Received: val_fraction={cfg.val_fraction!r}")
     val_classes = np.sort(np.random.RandomState(VAL_SEED).permutation(len(names))[:n])
     return _split_classes(pool, val_classes)
 
