@@ -53,7 +53,7 @@ def layer_costs(model: keras.Model, masks: Optional[masks_lib.Masks] = None) -> 
     hypothesis."""
     rows = []
     for layer in graph.layers_in_order(model):
-        params = sum(int(np.prod(v.shape)) for v in layer.trainable_weights)
+        params = sum(int(np.prod(v.shape)) for v in getattr(layer, "trainable_weights", []))
         macs = _macs(layer)
         if not params and not macs:
             continue

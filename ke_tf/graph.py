@@ -22,14 +22,29 @@ channels (Conv, Dense, the pointwise half of SeparableConv2D); everything else f
 - Flatten / Reshape: the set broadcast over the input's spatial positions and reshaped, so a
   Flatten of an HxWxC map keeps the features i with (i mod C) fit; a Reshape must leave every
   output channel uniformly fit or reset;
-- Softmax-like and L2-normalizing layers mix channels and need an all-fit input.
+- layers that mix all channels without a kernel (LayerNormalization, Softmax, L2
+  normalization, a softmax activation) keep their inputs whole: every mixing layer whose output
+  reaches them through channel-wise layers keeps all its filters (`whole_producers`);
+- element-wise ops written between layers (`x + 3.0`, `x * y`: keras.ops in a functional graph,
+  as MobileNetV3's hard sigmoid) combine channel by channel like Add and Multiply; an input
+  broadcast over the channels (last dimension 1) or a number does not constrain them.
 
-Anything else raises `UnsupportedLayerError` naming the layer.
+How a layer type's channels flow is a rule registered for it (`register_layer`), the package's
+own layers included; a user's layer is taught the same way:
+
+    ke_tf.graph.register_layer(MyScale, ke_tf.graph.PER_CHANNEL)   # output c follows input c
+    ke_tf.graph.register_layer(MyGate, ke_tf.graph.ELEMENTWISE)    # several inputs, channel-wise
+    ke_tf.graph.register_layer(MyNorm, ke_tf.graph.MIXES_ALL)      # needs its input whole
+    ke_tf.graph.register_layer(MyOp, lambda layer, sets: ...)      # any rule: sets -> out set
+
+A layer with no rule raises `UnsupportedLayerError` naming it and saying how to register it.
+A registered layer's own weights are never split (like BatchNorm's, sec. 3.1): its
+per-channel weights (last dimension = its input channels) are sliced for the slim network.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Union
 
 import keras
 import numpy as np
@@ -42,7 +57,7 @@ L = keras.layers
 # Layers whose kernel mixes all input channels into all output channels.
 MIXING = (L.Conv1D, L.Conv2D, L.Conv3D, L.Dense, L.SeparableConv1D, L.SeparableConv2D)
 DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
-PER_CHANNEL = (
+PER_CHANNEL_LAYERS = (
     L.BatchNormalization, L.ReLU, L.LeakyReLU, L.ELU, L.Dropout, L.SpatialDropout1D,
     L.SpatialDropout2D, L.SpatialDropout3D, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout,
     L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D, L.AveragePooling2D,
@@ -50,13 +65,65 @@ PER_CHANNEL = (
     L.GlobalAveragePooling3D, L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
     L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.Cropping1D, L.Cropping2D, L.Cropping3D,
     L.UpSampling1D, L.UpSampling2D, L.UpSampling3D, L.Rescaling, L.Normalization, L.Identity,
+    L.Activation,  # a channel-mixing one (softmax) is told apart first: `_mixes_all`
     L.ActivityRegularization,
 )
-ELEMENTWISE = (L.Add, L.Multiply, L.Subtract, L.Average, L.Maximum, L.Minimum)
+ELEMENTWISE_LAYERS = (L.Add, L.Multiply, L.Subtract, L.Average, L.Maximum, L.Minimum)
 RESHAPING = (L.Flatten, L.Reshape)
 # Layers that mix channels without weights: fine only where every channel is fit.
-NEEDS_ALL_FIT = (L.Softmax, L.UnitNormalization, L.LayerNormalization)
+MIXES_ALL_LAYERS = (L.Softmax, L.UnitNormalization, L.LayerNormalization)
 CHANNEL_MIXING_ACTIVATIONS = ("softmax", "log_softmax")
+
+
+# The rules a layer type can be registered with (`register_layer`).
+PER_CHANNEL = "per_channel"  # output channel c follows input channel c
+ELEMENTWISE = "elementwise"  # several inputs of the same channels, combined channel-wise
+MIXES_ALL = "mixes_all"  # every output depends on every input channel: inputs stay whole
+Rule = Union[str, Callable[[object, List[np.ndarray]], np.ndarray]]
+_RULES: Dict[object, Rule] = {}  # layer class, or a class name for Keras-internal classes
+
+
+def register_layer(layer_type: Union[type, str], rule: Rule) -> None:
+    """Teach the graph code how the channels of `layer_type` (a Layer subclass; or, for a
+    class Keras does not export, its name) flow: `PER_CHANNEL`, `ELEMENTWISE`, `MIXES_ALL`,
+    or a function `(layer, input_sets) -> output_set` of boolean channel sets (True: fit). The
+    most specific registered class of a layer's type wins; registering again replaces. (The
+    slim network is rebuilt from the model's config, so a user's layer must also be known to
+    Keras's serialization: `@keras.saving.register_keras_serializable()`.)"""
+    if not (rule in (PER_CHANNEL, ELEMENTWISE, MIXES_ALL) or callable(rule)):
+        raise ValueError(f"rule must be ke_tf.graph.PER_CHANNEL, ELEMENTWISE, MIXES_ALL or a "
+                         f"function (layer, input_sets) -> output_set. Received: rule={rule!r}")
+    if not (isinstance(layer_type, str) or isinstance(layer_type, type)):
+        raise ValueError(f"layer_type must be a class or a class name. Received: "
+                         f"layer_type={layer_type!r}")
+    _RULES[layer_type] = rule
+
+
+def rule_of(op) -> Optional[Rule]:
+    """The registered rule of a layer or op (its class's or its nearest base class's), None
+    if it has none."""
+    for cls in type(op).__mro__:
+        for key in (cls, cls.__name__):
+            if key in _RULES:
+                return _RULES[key]
+    return None
+
+
+for _type in PER_CHANNEL_LAYERS:
+    register_layer(_type, PER_CHANNEL)
+for _type in ELEMENTWISE_LAYERS:
+    register_layer(_type, ELEMENTWISE)
+for _type in MIXES_ALL_LAYERS:
+    register_layer(_type, MIXES_ALL)
+# keras.ops written between layers of a functional graph (their class names: keras.src.ops
+# has no public classes): channel-wise maths, of one tensor or several broadcasting ones.
+for _name in ("Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", "Minimum",
+              "Power", "Negative", "Abs", "Square", "Sqrt", "Exp", "Log", "Tanh", "Sigmoid",
+              "Relu", "Relu6", "HardSigmoid", "HardSilu", "Silu", "Gelu", "Elu", "Selu",
+              "LeakyRelu", "Softplus", "Softsign", "Clip", "Cast", "Erf", "Reciprocal"):
+    register_layer(_name, ELEMENTWISE)
+# keras.applications' InceptionResNetV2 adds a scaled residual: x + scale * branch.
+register_layer("CustomScaleLayer", ELEMENTWISE)
 
 
 class UnsupportedLayerError(ConfigError):
@@ -99,10 +166,11 @@ def functional(model) -> keras.Model:
 def layers_in_order(model: keras.Model) -> List[keras.layers.Layer]:
     """The model's layers in topological order; rejects graphs this module cannot walk."""
     for op in model.operations:
-        if not isinstance(op, keras.layers.Layer):
+        if not isinstance(op, keras.layers.Layer) and rule_of(op) is None:
             raise UnsupportedLayerError(
-                f"Operation '{op.name}' ({type(op).__name__}) is a raw op in the functional "
-                "graph; wrap it in a keras layer. Received: operation=" + op.name)
+                f"Operation '{op.name}' ({type(op).__name__}) is an op in the functional graph "
+                "whose channels ke_tf cannot follow; wrap it in a layer and register that "
+                "(ke_tf.graph.register_layer). Received: operation=" + op.name)
         if isinstance(op, keras.Model):
             raise UnsupportedLayerError(
                 f"Layer '{op.name}' ({type(op).__name__}) is a nested model; build the "
@@ -135,7 +203,7 @@ def output_layers(model: keras.Model) -> List[str]:
         layer = internals.producer(out)
         while not isinstance(layer, MIXING + DEPTHWISE):
             ins = _inputs(layer) if not isinstance(layer, L.InputLayer) else []
-            if len(ins) != 1 or layer.weights:
+            if len(ins) != 1 or getattr(layer, "weights", None):
                 raise UnsupportedLayerError(
                     f"Cannot find the output layer of the model: '{layer.name}' "
                     f"({type(layer).__name__}) stands between it and the output. "
@@ -143,6 +211,35 @@ def output_layers(model: keras.Model) -> List[str]:
             layer = internals.producer(ins[0])
         names.append(layer.name)
     return names
+
+
+def whole_producers(model: keras.Model) -> set:
+    """Names of the mixing layers (Conv, Dense) that must keep all their filters under KELS:
+    their output reaches, through channel-wise layers only, a layer that mixes all channels
+    without a kernel (LayerNormalization, Softmax, ...), whose input stays whole. In a
+    transformer block this keeps the residual stream whole (every projection into it) while
+    the MLP's hidden width is split."""
+    found, seen = set(), set()
+
+    def walk(tensor) -> None:
+        op = internals.producer(tensor)
+        if id(op) in seen:
+            return
+        seen.add(id(op))
+        if isinstance(op, MIXING):
+            found.add(op.name)
+        elif isinstance(op, DEPTHWISE + RESHAPING + (L.Concatenate, L.Activation)) or \
+                rule_of(op) in (PER_CHANNEL, ELEMENTWISE):
+            width = _channels(op.output)
+            for t in _inputs(op):  # a Concatenate's every input; a broadcast one: none
+                if _channels(t) == width or isinstance(op, (L.Concatenate,) + RESHAPING):
+                    walk(t)
+
+    for op in layers_in_order(model):
+        if _mixes_all(op):
+            for t in _inputs(op):
+                walk(t)
+    return found
 
 
 def _reshape_set(in_set: np.ndarray, in_shape, out_shape, layer) -> np.ndarray:
@@ -182,9 +279,18 @@ def channel_flow(model: keras.Model, choose_out: ChooseOut) -> Dict[str, Flow]:
     return flows
 
 
+def _mixes_all(layer) -> bool:
+    """Whether `layer` combines all its input channels into each output without a kernel
+    (registered MIXES_ALL, or a softmax activation)."""
+    if isinstance(layer, L.Activation):
+        act = getattr(layer.activation, "__name__", str(layer.activation))
+        return act in CHANNEL_MIXING_ACTIVATIONS
+    return rule_of(layer) == MIXES_ALL and not isinstance(layer, MIXING + DEPTHWISE)
+
+
 def _output_set(layer, tensors, ins, choose_out) -> np.ndarray:
     name, kind = layer.name, type(layer).__name__
-    if isinstance(layer, MIXING + DEPTHWISE + PER_CHANNEL) and getattr(
+    if isinstance(layer, MIXING + DEPTHWISE + PER_CHANNEL_LAYERS) and getattr(
             layer, "data_format", "channels_last") != "channels_last":
         raise UnsupportedLayerError(
             f"Layer '{name}' is channels_first; only channels_last graphs are supported. "
@@ -202,33 +308,73 @@ def _output_set(layer, tensors, ins, choose_out) -> np.ndarray:
         raise UnsupportedLayerError(
             f"BatchNormalization '{name}' normalizes axis {layer.axis}, not the channel axis. "
             f"Received: axis={layer.axis}")
-    if isinstance(layer, PER_CHANNEL):
-        return ins[0]
-    if isinstance(layer, L.Activation):
-        act = getattr(layer.activation, "__name__", str(layer.activation))
-        if act in CHANNEL_MIXING_ACTIVATIONS and not ins[0].all():
+    if _mixes_all(layer):
+        if not all(s.all() for s in ins):
             raise UnsupportedLayerError(
-                f"Activation '{name}' ({act}) mixes channels but its input is split into fit "
+                f"Layer '{name}' ({kind}) mixes all channels but its input is split into fit "
                 f"and reset channels. Received: layer={name}")
-        return ins[0]
-    if isinstance(layer, NEEDS_ALL_FIT):
-        if not ins[0].all():
-            raise UnsupportedLayerError(
-                f"Layer '{name}' ({kind}) mixes channels but its input is split into fit and "
-                f"reset channels; it may only follow the output layer. Received: layer={name}")
-        return ins[0]
+        return np.ones(_channels(layer.output), bool)
     if isinstance(layer, L.Concatenate):
         rank = len(tensors[0].shape)
         if layer.axis in (-1, rank - 1):
             return np.concatenate(ins)
-    if isinstance(layer, ELEMENTWISE + (L.Concatenate,)):
-        if any(s.shape != ins[0].shape or (s != ins[0]).any() for s in ins[1:]):
-            raise UnsupportedLayerError(
-                f"Layer '{name}' ({kind}) combines inputs whose fit channels differ; every "
-                f"branch must keep the same channels. Received: layer={name}")
-        return ins[0]
+        return _merge(layer, tensors, ins)
     if isinstance(layer, RESHAPING):
         return _reshape_set(ins[0], tensors[0].shape, layer.output.shape, layer)
+    rule = rule_of(layer)
+    if rule == PER_CHANNEL:
+        return ins[0]
+    if rule == ELEMENTWISE:
+        return _merge(layer, tensors, ins)
+    if callable(rule):
+        return np.asarray(rule(layer, ins), bool)
     raise UnsupportedLayerError(
-        f"Layer '{name}' of type {kind} is not supported by Split-Nets (KELS/slim). "
-        f"Received: layer={name}")
+        f"Layer '{name}' of type {kind} is not supported by Split-Nets (KELS/slim): register "
+        f"how its channels flow, e.g. ke_tf.graph.register_layer({kind}, "
+        f"ke_tf.graph.PER_CHANNEL), or use --split_mode=wels. Received: layer={name}")
+
+
+class MergeConflict(UnsupportedLayerError):
+    """A layer that combines inputs channel by channel got different fit channel sets:
+    `tensors` and their `sets`, the ones of the output's width. `ke_tf.masks` resolves it by
+    giving the branches' free producers one set (`free_producers`)."""
+
+    def __init__(self, layer, tensors, sets):
+        super().__init__(
+            f"Layer '{layer.name}' ({type(layer).__name__}) combines inputs whose fit channels "
+            "differ and no choice of filters makes them equal; use --split_mode=wels. "
+            f"Received: layer={layer.name}")
+        self.layer, self.tensors, self.sets = layer, tensors, sets
+
+
+def _merge(layer, tensors, ins) -> np.ndarray:
+    """Inputs combined channel by channel: those with the output's channels must hold the same
+    set (KELS gives every branch the same first-k prefix, or `ke_tf.masks` one solved set); an
+    input broadcast over the channels (last dimension 1) does not constrain them."""
+    width = _channels(layer.output)
+    full = [(t, s) for t, s in zip(tensors, ins) if _channels(t) == width]
+    if any(s.shape != full[0][1].shape or (s != full[0][1]).any() for _, s in full[1:]):
+        raise MergeConflict(layer, [t for t, _ in full], [s for _, s in full])
+    return full[0][1] if full else np.ones(width, bool)
+
+
+def free_producers(tensor) -> Optional[List[str]]:
+    """The mixing layers (Conv, Dense) whose chosen filters alone decide `tensor`'s fit
+    channels, through channel-wise layers and merges of the same width; None if something
+    else decides them too (the image, a Concatenate, a depthwise multiplier, a reshape)."""
+    op = internals.producer(tensor)
+    if isinstance(op, MIXING):
+        return [op.name]
+    one_to_one = (isinstance(op, DEPTHWISE) and op.depth_multiplier == 1) or (
+        not isinstance(op, MIXING + DEPTHWISE + RESHAPING + (L.Concatenate, L.InputLayer))
+        and not _mixes_all(op) and rule_of(op) in (PER_CHANNEL, ELEMENTWISE))
+    if not one_to_one:
+        return None
+    width, names = _channels(op.output), []
+    for t in _inputs(op):
+        if _channels(t) == width:
+            found = free_producers(t)
+            if found is None:
+                return None
+            names += found
+    return names

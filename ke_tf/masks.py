@@ -9,7 +9,9 @@ KELS (kernel-level, Fig. 3): a layer that mixes channels keeps the first ceil(s*
 over the fit input channels, which `ke_tf.graph` follows through the graph (the first conv keeps
 all image channels; concatenations offset each input's channels, appendix B). The layer that
 produces the model's output (classifier or embedding) keeps all its outputs (Alg. 1 l.13), and
-its bias is all fit (sec. 3.1); other biases follow their layer's output channels.
+its bias is all fit (sec. 3.1); so does every layer whose output must reach a layer that mixes
+all channels whole (LayerNormalization: `graph.whole_producers`); other biases follow their
+layer's output channels.
 DepthwiseConv2D kernels follow their input channels. BatchNorm is never masked (its learned
 statistics transfer across generations, sec. 3.1).
 
@@ -88,13 +90,16 @@ def compute(model: keras.Model, mode: str = "kels", split_rate: float = 0.8,
 
 
 def _kels(model, split_rate) -> Masks:
-    outputs = set(graph.output_layers(model))
+    outputs = set(graph.output_layers(model)) | graph.whole_producers(model)
+    forced: Dict[str, np.ndarray] = {}  # filters chosen to make a merge's branches agree
 
     def choose_out(layer, in_set):
         n = layer.output.shape[-1]
+        if layer.name in forced:
+            return forced[layer.name]
         return np.ones(n, bool) if layer.name in outputs else _prefix(n, split_rate)
 
-    flows = graph.channel_flow(model, choose_out)
+    flows = _solve_merges(model, choose_out, forced)
     masks: Masks = {}
     for layer, roles in masked_layers(model):
         flow = flows[layer.name]
@@ -111,6 +116,33 @@ def _kels(model, split_rate) -> Masks:
                 m = cout.copy()
             masks[var.path] = np.broadcast_to(m, shape).copy()
     return masks
+
+
+def _solve_merges(model, choose_out, forced: Dict[str, np.ndarray]):
+    """`graph.channel_flow` where every merge (Add, Multiply, ...) gets one fit set for all its
+    inputs: a branch whose channels only its own filters decide (`graph.free_producers`)
+    takes the set of a branch that something else decides (a concatenation's offsets, the
+    image), so that the slim network stays exact (NASNet, InceptionResNetV2). Each conflict
+    fixes at least one layer's filters for good, so this ends."""
+    while True:
+        try:
+            return graph.channel_flow(model, choose_out)
+        except graph.MergeConflict as conflict:
+            branches = [graph.free_producers(t) for t in conflict.tensors]
+            # decided elsewhere: by the graph, or by filters an earlier merge already chose
+            branches = [None if free is not None and all(n in forced for n in free) else free
+                        for free in branches]
+            decided = [s for s, free in zip(conflict.sets, branches) if free is None]
+            target = decided[0] if decided else conflict.sets[0]
+            if any((s != target).any() for s in decided):
+                raise  # two branches decided elsewhere, differently: no choice of filters
+            changed = False
+            for s, free in zip(conflict.sets, branches):
+                for name in free or ():
+                    if (s != target).any() and name not in forced:
+                        forced[name], changed = target.copy(), True
+            if not changed:
+                raise
 
 
 def _wels(model, split_rate, seed) -> Masks:

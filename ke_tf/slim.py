@@ -118,7 +118,7 @@ def copy_fit_weights(model: keras.Model, masks: masks_lib.Masks, target: keras.M
 
 def _copy(model: keras.Model, flows: Dict[str, graph.Flow], target: keras.Model) -> None:
     for layer in graph.layers_in_order(model):
-        if layer.weights:
+        if getattr(layer, "weights", None):  # a keras.ops op of the graph has none
             target.get_layer(layer.name).set_weights(
                 [_slice(layer, v, v.numpy(), flows[layer.name]) for v in layer.weights])
 

@@ -53,9 +53,9 @@ def zero_reset(model, masks):
     """A copy of `model` whose reset hypothesis is zero (the reference for slim extraction)."""
     z = keras.models.clone_model(model)
     z.set_weights(model.get_weights())
-    for v in z.weights:
-        if v.path in masks:
-            v.assign(np.where(masks[v.path], v.numpy(), 0).astype(v.dtype))
+    for original, v in zip(model.weights, z.weights):  # a clone's paths may lose name scopes
+        if original.path in masks:
+            v.assign(np.where(masks[original.path], v.numpy(), 0).astype(v.dtype))
     return z
 
 

@@ -106,13 +106,26 @@ def test_unsupported_layer_is_named():
         masks.compute(keras.Model(i, o), "kels", 0.5)
 
 
-def test_add_of_different_fit_sets_is_refused():
+def test_a_merge_gives_its_free_branch_the_set_of_the_decided_one():
+    """Add(concatenation, conv): the concatenation's fit set is decided by its inputs' offsets,
+    [1, 0, 1, 0]; the conv's filters are free, so it keeps that set instead of its first half
+    (NASNet, InceptionResNetV2 merge such branches), and the slim network stays exact."""
     i = keras.Input((4, 4, 3))
     a = L.Conv2D(2, 1, name="a")(i)
-    cat = L.Concatenate(name="cat")([a, a])  # fit set [1, 0, 1, 0]
-    b = L.Conv2D(4, 1, name="b")(i)  # fit set [1,1,0,0]
-    o = L.Dense(2, name="fc")(L.Flatten()(L.Add(name="bad_add")([cat, b])))
-    with pytest.raises(graph.UnsupportedLayerError, match="bad_add"):
+    cat = L.Concatenate(name="cat")([a, a])
+    b = L.BatchNormalization(name="bn")(L.Conv2D(4, 1, name="b")(i))
+    o = L.Dense(2, name="fc")(L.Flatten()(L.Add(name="add")([cat, b])))
+    m = masks.compute(keras.Model(i, o), "kels", 0.5)
+    np.testing.assert_array_equal(m["b/kernel"][0, 0, 0], [1, 0, 1, 0])
+
+
+def test_add_of_two_decided_different_sets_is_refused():
+    i = keras.Input((4, 4, 3))
+    a = L.Conv2D(2, 1, name="a")(i)
+    cat = L.Concatenate(name="cat")([a, a])  # [1, 0, 1, 0]
+    c = L.Concatenate(name="cat2")([L.Conv2D(3, 1, name="c3")(i), L.Conv2D(1, 1, name="c1")(i)])
+    o = L.Dense(2, name="fc")(L.Flatten()(L.Add(name="bad_add")([cat, c])))  # [1, 1, 0, 1]
+    with pytest.raises(graph.UnsupportedLayerError, match="'bad_add' .* no choice of filters"):
         masks.compute(keras.Model(i, o), "kels", 0.5)
 
 

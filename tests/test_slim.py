@@ -31,7 +31,8 @@ def test_toy_graph(split_rate):
 
 APPLICATIONS = {
     "ResNet50": 32, "ResNet50V2": 32, "DenseNet121": 32, "VGG16": 32, "MobileNetV2": 32,
-    "MobileNet": 32, "EfficientNetB0": 32, "InceptionV3": 75,
+    "MobileNet": 32, "EfficientNetB0": 32, "InceptionV3": 75, "MobileNetV3Small": 32,
+    "NASNetMobile": 32, "InceptionResNetV2": 75,
 }
 
 
@@ -86,3 +87,84 @@ def test_table6_resnet18_slim_shapes():
     slim_params, slim_macs = cost.total(small)
     assert round(dense_params / 1e6, 1) == 11.2 and round(dense_macs / 1e9, 2) == 1.81
     assert round(slim_params / 1e6, 2) == 2.83 and round(slim_macs / 1e9, 2) == 0.48
+
+
+def test_a_merge_solved_over_the_graph_stays_exact():
+    from test_masks import L
+
+    i = keras.Input((4, 4, 3))
+    a = L.Conv2D(2, 1, name="a")(i)
+    b = L.BatchNormalization(name="bn")(L.Conv2D(4, 1, name="b")(i))
+    x = L.Add(name="add")([L.Concatenate(name="cat")([a, a]), b])
+    small, m = assert_equivalent(keras.Model(i, L.Dense(2, name="fc")(L.Flatten()(x))))
+    assert small.get_layer("b").filters == 2
+
+
+def test_keras_ops_between_layers_are_followed():
+    """MobileNetV3's hard swish, written with keras.ops between layers: x * relu6(x + 3) / 6."""
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    x = L.BatchNormalization(name="bn")(L.Conv2D(8, 3, name="c1")(i))
+    x = x * (L.ReLU(6.0, name="relu6")(x + 3.0) * (1.0 / 6.0))
+    gate = L.Conv2D(8, 1, name="gate")(L.GlobalAveragePooling2D(keepdims=True, name="gap")(x))
+    x = keras.ops.maximum(x * keras.ops.sigmoid(gate), 0.0)
+    y = L.Dense(3, name="fc")(L.GlobalAveragePooling2D(name="pool")(L.Conv2D(6, 1, name="c2")(x)))
+    small, _ = assert_equivalent(keras.Model(i, y))
+    assert small.get_layer("c1").filters == 4
+
+
+def test_layer_norm_keeps_the_residual_stream_whole_and_splits_the_mlp():
+    """A transformer-style MLP block: LayerNormalization mixes all channels, so whatever feeds
+    it (the stem, the MLP's output projection into the residual stream) keeps all filters;
+    the MLP's hidden width is split."""
+    L = keras.layers
+    i = keras.Input((4, 4, 3))
+    x = L.Conv2D(8, 1, name="stem")(i)
+    h = L.Dense(16, name="fc1")(L.LayerNormalization(name="ln1")(x))
+    h = L.Dense(8, name="fc2")(L.Activation("gelu", name="gelu")(h))
+    x = L.LayerNormalization(name="ln2")(L.Add(name="residual")([x, h]))
+    y = L.Dense(3, name="head")(L.GlobalAveragePooling2D(name="pool")(x))
+    small, m = assert_equivalent(keras.Model(i, y))
+    assert [small.get_layer(n).output.shape[-1] for n in ("stem", "fc1", "fc2")] == [8, 8, 8]
+    assert m["fc1/kernel"].all(axis=0)[:8].all() and not m["fc1/kernel"][:, 8:].any()
+
+
+@keras.saving.register_keras_serializable(package="test_slim")  # the slim net is rebuilt
+class Scale(keras.layers.Layer):                                    # from the dense one's config
+    """A user's layer: a learned scale per channel."""
+
+    def build(self, shape):
+        self.gamma = self.add_weight(shape=(shape[-1],), initializer="ones", name="gamma")
+
+    def call(self, x):
+        return x * self.gamma
+
+
+@keras.saving.register_keras_serializable(package="test_slim")
+class Twice(keras.layers.Layer):
+    """A user's layer: its channels, then the same channels again."""
+
+    def call(self, x):
+        return keras.ops.concatenate([x, x], axis=-1)
+
+
+def test_a_users_layer_is_one_registration():
+    from ke_tf import graph
+
+    L = keras.layers
+    i = keras.Input((4, 4, 3))
+    x = Twice(name="twice")(Scale(name="scale")(L.Conv2D(4, 1, name="c1")(i)))
+    model = keras.Model(i, L.Dense(2, name="fc")(L.Flatten(name="flat")(x)))
+    with pytest.raises(graph.UnsupportedLayerError, match=r"'scale' of type Scale .* "
+                       r"ke_tf.graph.register_layer\(Scale, ke_tf.graph.PER_CHANNEL\)"):
+        masks.compute(model, "kels", 0.5)
+    graph.register_layer(Scale, graph.PER_CHANNEL)
+    graph.register_layer(Twice, lambda layer, sets: np.concatenate([sets[0], sets[0]]))
+    try:
+        model.get_layer("scale").gamma.assign([0.5, 2.0, -1.0, 3.0])
+        small, _ = assert_equivalent(model)
+        np.testing.assert_array_equal(small.get_layer("scale").gamma.numpy(), [0.5, 2.0])
+    finally:
+        del graph._RULES[Scale], graph._RULES[Twice]
+    with pytest.raises(ValueError, match="rule must be ke_tf.graph.PER_CHANNEL"):
+        graph.register_layer(Scale, "sideways")
