@@ -122,8 +122,10 @@ for _name in ("Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", 
               "Relu", "Relu6", "HardSigmoid", "HardSilu", "Silu", "Gelu", "Elu", "Selu",
               "LeakyRelu", "Softplus", "Softsign", "Clip", "Cast", "Erf", "Reciprocal"):
     register_layer(_name, ELEMENTWISE)
-# keras.applications' InceptionResNetV2 adds a scaled residual: x + scale * branch.
+# keras.applications' own layers (not exported): InceptionResNetV2 adds a scaled residual
+# (x + scale * branch); ConvNeXt scales every channel by a learned gamma.
 register_layer("CustomScaleLayer", ELEMENTWISE)
+register_layer("LayerScale", PER_CHANNEL)
 
 
 class UnsupportedLayerError(ConfigError):
@@ -163,24 +165,64 @@ def functional(model) -> keras.Model:
     return model
 
 
-def layers_in_order(model: keras.Model) -> List[keras.layers.Layer]:
-    """The model's layers in topological order; rejects graphs this module cannot walk."""
-    for op in model.operations:
+def _operations(model: keras.Model) -> list:
+    """The operations of a functional model's graph, or of a Sequential's, in topological
+    order, checked: ops ke_tf can follow, no layer called twice, nested models of one input
+    and one output."""
+    ops = model.operations if hasattr(model, "operations") else \
+        keras.Model(model.inputs, model.outputs).operations  # a Sequential's own graph
+    for op in ops:
         if not isinstance(op, keras.layers.Layer) and rule_of(op) is None:
             raise UnsupportedLayerError(
                 f"Operation '{op.name}' ({type(op).__name__}) is an op in the functional graph "
                 "whose channels ke_tf cannot follow; wrap it in a layer and register that "
                 "(ke_tf.graph.register_layer). Received: operation=" + op.name)
-        if isinstance(op, keras.Model):
+        if isinstance(op, keras.Model) and (len(op.inputs) != 1 or len(op.outputs) != 1):
             raise UnsupportedLayerError(
-                f"Layer '{op.name}' ({type(op).__name__}) is a nested model; build the "
-                f"network as one flat functional graph. Received: layer={op.name}")
-        if internals.call_count(op) > 1:
+                f"Layer '{op.name}' ({type(op).__name__}) is a nested model with "
+                f"{len(op.inputs)} inputs and {len(op.outputs)} outputs; ke_tf follows nested "
+                f"models of one input and one output. Received: layer={op.name}")
+        sequential = not hasattr(model, "operations")  # calls each of its layers once
+        if isinstance(op, keras.layers.Layer) and not sequential and internals.call_count(op) > 1:
             raise UnsupportedLayerError(
                 f"Layer '{op.name}' ({type(op).__name__}) is shared (called "
                 f"{internals.call_count(op)} times); shared layers are not supported. "
                 f"Received: layer={op.name}")
-    return list(model.operations)
+    return list(ops)
+
+
+def layers_in_order(model: keras.Model) -> List[keras.layers.Layer]:
+    """The model's layers (and keras.ops ops) in topological order, the layers of nested
+    models (a Sequential or functional model inside the graph, ConvNeXt's stem) in place of
+    them; rejects graphs this module cannot walk."""
+    out = []
+    for op in _operations(model):
+        out += layers_in_order(op) if isinstance(op, keras.Model) else [op]
+    return out
+
+
+def _links(model: keras.Model) -> Dict[int, object]:
+    """{id(input tensor of a nested model's own graph): the tensor that feeds it outside}."""
+    links = {}
+    for op in _operations(model):
+        if isinstance(op, keras.Model):
+            links[id(op.inputs[0])] = _inputs(op)[0]
+            links.update(_links(op))
+    return links
+
+
+def _producer(tensor, links: Dict[int, object]):
+    """The leaf layer or op that made `tensor`, looking through nested models (into their
+    output, out of their input) with `links`."""
+    op = internals.producer(tensor)
+    while True:
+        if isinstance(op, keras.Model):
+            tensor = op.outputs[0]
+        elif isinstance(op, L.InputLayer) and id(tensor) in links:
+            tensor = links[id(tensor)]
+        else:
+            return op
+        op = internals.producer(tensor)
 
 
 def _inputs(layer) -> list:
@@ -198,9 +240,9 @@ def output_layers(model: keras.Model) -> List[str]:
     Walks back from each output through weightless single-input layers (activation, softmax,
     L2 normalization, reshape, flatten, dropout), so a Dense head and MobileNet's 1x1 Conv2D +
     Reshape head are both found."""
-    names = []
+    names, links = [], _links(model)
     for out in model.outputs:
-        layer = internals.producer(out)
+        layer = _producer(out, links)
         while not isinstance(layer, MIXING + DEPTHWISE):
             ins = _inputs(layer) if not isinstance(layer, L.InputLayer) else []
             if len(ins) != 1 or getattr(layer, "weights", None):
@@ -208,7 +250,7 @@ def output_layers(model: keras.Model) -> List[str]:
                     f"Cannot find the output layer of the model: '{layer.name}' "
                     f"({type(layer).__name__}) stands between it and the output. "
                     f"Received: layer={layer.name}")
-            layer = internals.producer(ins[0])
+            layer = _producer(ins[0], links)
         names.append(layer.name)
     return names
 
@@ -219,16 +261,17 @@ def whole_producers(model: keras.Model) -> set:
     without a kernel (LayerNormalization, Softmax, ...), whose input stays whole. In a
     transformer block this keeps the residual stream whole (every projection into it) while
     the MLP's hidden width is split."""
-    found, seen = set(), set()
+    found, seen, links = set(), set(), _links(model)
 
     def walk(tensor) -> None:
-        op = internals.producer(tensor)
+        op = _producer(tensor, links)
         if id(op) in seen:
             return
         seen.add(id(op))
-        if isinstance(op, MIXING):
+        if isinstance(op, MIXING) and not channel_wise_groups(op):
             found.add(op.name)
         elif isinstance(op, DEPTHWISE + RESHAPING + (L.Concatenate, L.Activation)) or \
+                channel_wise_groups(op) or \
                 rule_of(op) in (PER_CHANNEL, ELEMENTWISE):
             width = _channels(op.output)
             for t in _inputs(op):  # a Concatenate's every input; a broadcast one: none
@@ -255,28 +298,61 @@ def _reshape_set(in_set: np.ndarray, in_shape, out_shape, layer) -> np.ndarray:
 
 
 def channel_flow(model: keras.Model, choose_out: ChooseOut) -> Dict[str, Flow]:
-    """Fit-channel sets of every layer's inputs and output, in topological order.
+    """Fit-channel sets of every layer's inputs and output, in topological order, by layer
+    name (the layers of nested models too, and each nested model: its input and output).
 
     `choose_out(layer, in_set)` returns the output channel set of a MIXING layer given its
     input set; for SeparableConv layers it receives the depthwise half's output set."""
-    sets: Dict[int, np.ndarray] = {}  # id(KerasTensor) -> channel set
     flows: Dict[str, Flow] = {}
-    for layer in layers_in_order(model):
+    _flow(model, {}, flows, choose_out)
+    return flows
+
+
+def _flow(model, sets: Dict[int, np.ndarray], flows: Dict[str, Flow], choose_out) -> None:
+    """`channel_flow` of one graph; `sets` (id(KerasTensor) -> channel set) holds the sets of
+    a nested model's inputs when it is entered."""
+    for layer in _operations(model):
+        if layer.name in flows:
+            raise UnsupportedLayerError(
+                f"Two layers of the model are named '{layer.name}' (one inside a nested model): "
+                f"ke_tf tells layers apart by name. Received: layer={layer.name}")
         if isinstance(layer, L.InputLayer):
-            out = np.ones(_channels(layer.output), bool)
+            out = sets.setdefault(id(layer.output), np.ones(_channels(layer.output), bool))
             flows[layer.name] = Flow([], out)
-            sets[id(layer.output)] = out
             continue
-        tensors = _inputs(layer)
+        tensors, output = _call_in(layer, sets)
         ins = [sets[id(t)] for t in tensors]
-        out = _output_set(layer, tensors, ins, choose_out)
+        if isinstance(layer, keras.Model):  # its own graph, fed by the outer tensor's set
+            sets[id(layer.inputs[0])] = ins[0]
+            _flow(layer, sets, flows, choose_out)
+            out = sets[id(layer.outputs[0])]
+        else:
+            out = _output_set(layer, tensors, ins, choose_out)
         if out.shape != (_channels(layer.output),):
             raise UnsupportedLayerError(
                 f"Channel bookkeeping failed at layer '{layer.name}' ({type(layer).__name__}). "
                 f"Received: layer={layer.name}")
         flows[layer.name] = Flow(ins, out)
-        sets[id(layer.output)] = out
-    return flows
+        sets[id(output)] = out
+
+
+def _call_in(op, sets: Dict[int, np.ndarray]) -> tuple:
+    """(input tensors, output tensor) of the call of `op` in the graph being walked: the last
+    call whose inputs the walk has reached (a Sequential rebuilt from its config holds an
+    earlier call of its first layer that its graph does not use)."""
+    calls = [(ins, outs) for ins, outs in internals.node_tensors(op)
+             if all(id(t) in sets for t in ins)]
+    if not calls:
+        return _inputs(op), op.output
+    ins, outs = calls[-1]
+    return ins, outs[0]
+
+
+def channel_wise_groups(layer) -> bool:
+    """A grouped convolution with one input channel a group (Conv2D(groups=C_in)): depthwise,
+    its output channel j*m+k made of input channel j alone, like DepthwiseConv2D."""
+    groups = getattr(layer, "groups", 1)
+    return isinstance(layer, MIXING) and groups > 1 and _channels(layer.input) == groups
 
 
 def _mixes_all(layer) -> bool:
@@ -299,10 +375,15 @@ def _output_set(layer, tensors, ins, choose_out) -> np.ndarray:
         return np.repeat(ins[0], layer.depth_multiplier)
     if isinstance(layer, (L.SeparableConv1D, L.SeparableConv2D)):
         return choose_out(layer, np.repeat(ins[0], layer.depth_multiplier))
+    if channel_wise_groups(layer):  # groups == input channels: a depthwise convolution
+        return np.repeat(ins[0], layer.filters // layer.groups)
     if isinstance(layer, MIXING):
         if getattr(layer, "groups", 1) != 1:
             raise UnsupportedLayerError(
-                f"Layer '{name}' is a grouped convolution. Received: groups={layer.groups}")
+                f"Layer '{name}' is a grouped convolution with {_channels(tensors[0]) // layer.groups}"
+                f" input channels a group: ke_tf follows groups of one input channel (a "
+                f"depthwise convolution, as ConvNeXt's); use --split_mode=wels. "
+                f"Received: groups={layer.groups}")
         return choose_out(layer, ins[0])
     if isinstance(layer, L.BatchNormalization) and layer.axis not in (-1, len(tensors[0].shape) - 1):
         raise UnsupportedLayerError(
@@ -358,14 +439,17 @@ def _merge(layer, tensors, ins) -> np.ndarray:
     return full[0][1] if full else np.ones(width, bool)
 
 
-def free_producers(tensor) -> Optional[List[str]]:
-    """The mixing layers (Conv, Dense) whose chosen filters alone decide `tensor`'s fit
-    channels, through channel-wise layers and merges of the same width; None if something
-    else decides them too (the image, a Concatenate, a depthwise multiplier, a reshape)."""
-    op = internals.producer(tensor)
-    if isinstance(op, MIXING):
+def free_producers(model: keras.Model, tensor, links=None) -> Optional[List[str]]:
+    """The mixing layers (Conv, Dense) whose chosen filters alone decide the fit channels of
+    `tensor` (of `model`'s graph), through channel-wise layers and merges of the same width;
+    None if something else decides them too (the image, a Concatenate, a depthwise
+    multiplier, a reshape)."""
+    links = _links(model) if links is None else links
+    op = _producer(tensor, links)
+    if isinstance(op, MIXING) and not channel_wise_groups(op):
         return [op.name]
     one_to_one = (isinstance(op, DEPTHWISE) and op.depth_multiplier == 1) or (
+        channel_wise_groups(op) and op.filters == op.groups) or (
         not isinstance(op, MIXING + DEPTHWISE + RESHAPING + (L.Concatenate, L.InputLayer))
         and not _mixes_all(op) and rule_of(op) in (PER_CHANNEL, ELEMENTWISE))
     if not one_to_one:
@@ -373,7 +457,7 @@ def free_producers(tensor) -> Optional[List[str]]:
     width, names = _channels(op.output), []
     for t in _inputs(op):
         if _channels(t) == width:
-            found = free_producers(t)
+            found = free_producers(model, t, links)
             if found is None:
                 return None
             names += found

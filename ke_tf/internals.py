@@ -9,6 +9,7 @@ name. Everything else in ke_tf uses public APIs only.
 |---|---|---|
 | `is_functional` | `keras.src.models.functional.Functional` (no public name for the class) | `graph.functional` |
 | `call_count` | `Layer._inbound_nodes` (no public count of a layer's calls) | `graph.layers_in_order` |
+| `node_tensors` | `Layer._inbound_nodes`' `input_tensors`, `output_tensors` (the tensors of each call) | `graph.channel_flow` |
 | `producer` | `KerasTensor._keras_history.operation` (the layer that made a tensor) | `graph.output_layers` |
 | `sgd_momentums` | `keras.optimizers.SGD.momentums` (its momentum buffers, undocumented) | `model` (fused update, lr rescale), `tools/benchmark.py` |
 | `onednn_enabled` | `tensorflow.python.util._pywrap_util_port.IsMklEnabled` | `precision` |
@@ -52,6 +53,18 @@ def call_count(layer) -> int:
         return len(layer._inbound_nodes)  # noqa: SLF001
     except AttributeError as err:
         raise _changed("Layer._inbound_nodes", "ke_tf.graph.layers_in_order", err) from err
+
+
+def node_tensors(op) -> List[tuple]:
+    """(input tensors, output tensors) of every call of layer or op `op` in the graphs it
+    belongs to, in call order (a Sequential rebuilt from its config calls its first layer
+    twice: once to build, once in its graph)."""
+    try:
+        return [(list(node.input_tensors), list(node.output_tensors))
+                for node in op._inbound_nodes]  # noqa: SLF001
+    except AttributeError as err:
+        raise _changed("Node.input_tensors / output_tensors of Layer._inbound_nodes",
+                       "ke_tf.graph.channel_flow", err) from err
 
 
 def producer(tensor):

@@ -50,13 +50,16 @@ def _prefix(n: int, split_rate: float) -> np.ndarray:
 def masked_layers(model: keras.Model):
     """(layer, [(variable, role)]) for every layer whose weights KE splits.
 
-    role is "kernel" (input x output channels), "depthwise" (input channels), "pointwise" (the
-    1x1 half of a separable conv) or "bias" (output channels)."""
+    role is "kernel" (input x output channels), "depthwise" (input channels), "grouped" (a
+    convolution with one input channel a group: output channels), "pointwise" (the 1x1 half
+    of a separable conv) or "bias" (output channels)."""
     for layer in graph.layers_in_order(model):
         if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
             roles = [(layer.depthwise_kernel, "depthwise"), (layer.pointwise_kernel, "pointwise")]
         elif isinstance(layer, graph.DEPTHWISE):
             roles = [(layer.kernel, "depthwise")]
+        elif graph.channel_wise_groups(layer):
+            roles = [(layer.kernel, "grouped")]
         elif isinstance(layer, graph.MIXING):
             roles = [(layer.kernel, "kernel")]
         else:
@@ -110,6 +113,8 @@ def _kels(model, split_rate) -> Masks:
                 m = np.outer(cin, cout)
             elif role == "depthwise":
                 m = np.repeat(cin[:, None], shape[-1], axis=1)
+            elif role == "grouped":  # [kh, kw, 1, C_out]: output j*m+k is input j's
+                m = cout.copy()
             elif role == "pointwise":
                 m = np.outer(np.repeat(cin, layer.depth_multiplier), cout)
             else:
@@ -128,7 +133,7 @@ def _solve_merges(model, choose_out, forced: Dict[str, np.ndarray]):
         try:
             return graph.channel_flow(model, choose_out)
         except graph.MergeConflict as conflict:
-            branches = [graph.free_producers(t) for t in conflict.tensors]
+            branches = [graph.free_producers(model, t) for t in conflict.tensors]
             # decided elsewhere: by the graph, or by filters an earlier merge already chose
             branches = [None if free is not None and all(n in forced for n in free) else free
                         for free in branches]

@@ -59,18 +59,38 @@ def architecture(model: keras.Model, masks: masks_lib.Masks) -> keras.Model:
 def _rebuild(model: keras.Model, flows: Dict[str, graph.Flow]) -> keras.Model:
     config = model.get_config()
     config["name"] = f"{model.name}_slim"
-    for layer_config in config["layers"]:
+    _narrow(config["layers"], flows)
+    return keras.Model.from_config(config)
+
+
+def _narrow(layer_configs: list, flows: Dict[str, graph.Flow]) -> None:
+    """Every layer config of a graph (and of the graphs of nested models) with its fit
+    channel count: Conv `filters`, Dense `units`, Reshape targets, a nested model's input."""
+    for layer_config in layer_configs:
         layer_config.pop("build_config", None)
         layer_config.pop("compile_config", None)
-        cfg = layer_config["config"]
+        cfg, kind = layer_config["config"], layer_config["class_name"]
+        if kind in ("Functional", "Sequential"):
+            _narrow(cfg["layers"], flows)
+            if cfg.get("build_input_shape"):
+                cfg["build_input_shape"] = _narrowed(cfg["build_input_shape"],
+                                                     flows[cfg["name"]].inputs[0])
+            continue
         kept = int(flows[cfg["name"]].output.sum())
         if "filters" in cfg:
             cfg["filters"] = kept
-        elif layer_config["class_name"] == "Dense":
+            if cfg.get("groups", 1) > 1:  # one input channel a group (`channel_wise_groups`)
+                cfg["groups"] = int(flows[cfg["name"]].inputs[0].sum())
+        elif kind == "Dense":
             cfg["units"] = kept
-        elif layer_config["class_name"] == "Reshape" and cfg["target_shape"][-1] != -1:
+        elif kind == "Reshape" and cfg["target_shape"][-1] != -1:
             cfg["target_shape"] = tuple(cfg["target_shape"][:-1]) + (kept,)
-    return keras.Model.from_config(config)
+        elif kind == "InputLayer" and cfg.get("batch_shape"):  # a nested model's input
+            cfg["batch_shape"] = _narrowed(cfg["batch_shape"], flows[cfg["name"]].output)
+
+
+def _narrowed(shape, channel_set: np.ndarray) -> tuple:
+    return tuple(shape[:-1]) + (int(channel_set.sum()),)
 
 
 def _slice(layer, var, value: np.ndarray, flow: graph.Flow) -> np.ndarray:
@@ -84,6 +104,8 @@ def _slice(layer, var, value: np.ndarray, flow: graph.Flow) -> np.ndarray:
     if var is getattr(layer, "pointwise_kernel", None):
         mid_idx = np.flatnonzero(np.repeat(flow.inputs[0], layer.depth_multiplier))
         return value[..., mid_idx, :][..., out_idx]
+    if graph.channel_wise_groups(layer):  # [kh, kw, 1, C_out]
+        return value[..., out_idx]
     if isinstance(layer, graph.MIXING):
         return value[..., in_idx, :][..., out_idx]
     # Per-channel variables (BatchNorm gamma/beta/moving statistics, Normalization mean/var).
@@ -117,9 +139,10 @@ def copy_fit_weights(model: keras.Model, masks: masks_lib.Masks, target: keras.M
 
 
 def _copy(model: keras.Model, flows: Dict[str, graph.Flow], target: keras.Model) -> None:
+    targets = {layer.name: layer for layer in graph.layers_in_order(target)}  # nested too
     for layer in graph.layers_in_order(model):
         if getattr(layer, "weights", None):  # a keras.ops op of the graph has none
-            target.get_layer(layer.name).set_weights(
+            targets[layer.name].set_weights(
                 [_slice(layer, v, v.numpy(), flows[layer.name]) for v in layer.weights])
 
 
@@ -131,7 +154,8 @@ def recalibrate_batchnorm(model: keras.Model, batches, max_images: int) -> int:
     sits near chance. Running the slim network in training mode over un-augmented training
     images, with momentum (k-1)/k at the k-th batch, sets the statistics to the average of the
     batch statistics. Weights are not changed. Returns the number of images used."""
-    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    bns = [layer for layer in graph.layers_in_order(model)  # nested models' too
+           if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [layer.momentum for layer in bns]
     seen, k = 0, 0
     try:

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 # The test files that take longest (`--durations=0` summed per file, 2 cores), started first and
 # in this order, so that pytest-xdist's workers end together instead of one finishing a long file
 # alone (pytest.ini: --no-loadscope-reorder keeps the order given here).
-LONGEST_FIRST = ("test_resume.py", "test_multi_worker.py", "test_adacos_training.py",
+LONGEST_FIRST = ("test_resume.py", "test_multi_worker.py", "test_applications.py", "test_adacos_training.py",
                  "test_generations.py", "test_bans.py", "test_main.py", "test_export.py",
                  "test_benchmark.py", "test_evolution.py", "test_readme.py", "test_distribute.py")
 

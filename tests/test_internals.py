@@ -33,6 +33,9 @@ def test_call_count_and_producer():
     assert internals.call_count(model.get_layer("shared")) == 2
     assert internals.call_count(model.get_layer("head")) == 1
     assert internals.producer(model.outputs[0]) is model.get_layer("head")
+    calls = internals.node_tensors(model.get_layer("shared"))  # (inputs, outputs) per call
+    assert len(calls) == 2 and all(len(ins) == 1 and len(outs) == 1 for ins, outs in calls)
+    assert calls[0][1][0] is not calls[1][1][0]
 
 
 def test_sgd_momentums_are_the_buffers_in_variable_order():

@@ -1,0 +1,66 @@
+"""Knowledge Evolution on every keras.applications constructor of the pinned Keras: KELS masks
+from the graph, and the slim network equal to the dense one with its reset hypothesis zeroed
+(random BatchNorm statistics, relative difference <= 1e-5); the families the graph code learned
+last (keras.ops between layers, nested models, LayerNormalization, depthwise-grouped convs,
+merges solved over the graph) also train two generations through `ke_tf.evolve` and export."""
+import inspect
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import conftest
+import ke_tf
+from ke_tf import masks, slim
+
+CONSTRUCTORS = sorted(name for name, f in inspect.getmembers(keras.applications, inspect.isfunction)
+                      if name[0].isupper())
+SIDE = {"InceptionV3": 75, "InceptionResNetV2": 75}  # their smallest input; the others: 32
+
+
+def build(name, classes=4):
+    side = SIDE.get(name, 32)
+    return getattr(keras.applications, name)(weights=None, classes=classes,
+                                             input_shape=(side, side, 3),
+                                             classifier_activation=None)
+
+
+def test_the_sweep_covers_every_family():
+    assert len(CONSTRUCTORS) >= 40  # Keras 3.12-3.15: 40 constructors, 14 families
+    families = {n.rstrip("0123456789").replace("V2", "").replace("V3", "").rstrip("BSML")
+                for n in CONSTRUCTORS}
+    assert {"ConvNeXtTiny"} < set(CONSTRUCTORS) and len(families) >= 12
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONSTRUCTORS)
+def test_every_constructor_splits_and_slims_exactly(name):
+    model = build(name)
+    m = masks.compute(model, "kels", 0.5)
+    conftest.randomize_batchnorm_and_biases(model)
+    small = slim.extract(model, m)
+    assert small.count_params() < 0.6 * model.count_params()
+    for v in model.weights:  # the dense network with its reset hypothesis zeroed, in place
+        if v.path in m:
+            v.assign(np.where(m[v.path], v.numpy(), 0).astype(v.dtype))
+    x = np.random.default_rng(0).normal(size=(2,) + tuple(model.input.shape[1:]))
+    want = model(x.astype("float32"), training=False).numpy()
+    got = small(x.astype("float32"), training=False).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ConvNeXtTiny", "MobileNetV3Small", "NASNetMobile"])
+def test_new_families_evolve_and_export(name, tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 32, 32, 3)).astype("float32"), np.arange(16) % 4
+    train = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    result = ke_tf.evolve(build(name), train, test=train, generations=2, epochs=1,
+                          warmup_epochs=0, lr=0.01, split_rate=0.5, run_dir=str(tmp_path / "run"),
+                          verbose=False)
+    assert [r["net"] for r in result.rows] == ["dense", "slim", "slim_recal"] * 2
+    assert all(np.isfinite(r["train_loss"]) for r in result.rows)
+    served = tf.saved_model.load(str(tmp_path / "run" / "export" / "slim"))
+    logits = served.signatures["serving_default"](images=x[:3])["logits"].numpy()
+    np.testing.assert_allclose(logits, result.slim(x[:3], training=False).numpy(), atol=1e-4)
