@@ -35,6 +35,14 @@ def _spatial(tensor) -> int:
 
 
 def _macs(layer) -> int:
+    if isinstance(layer, keras.layers.MultiHeadAttention):
+        v = graph.attention_variables(layer)
+        width, heads, key_dim = v["query/kernel"].shape
+        value_dim, out = v["value/kernel"].shape[-1], v["attention_output/kernel"].shape[-1]
+        query, value = layer.input[:2]
+        tq, tv = _spatial(query), _spatial(value)  # tokens
+        return int(tq * width * heads * key_dim + tv * width * heads * (key_dim + value_dim)
+                   + tq * tv * heads * (key_dim + value_dim) + tq * heads * value_dim * out)
     if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
         depthwise_positions = _spatial(layer.output)  # same padding/stride as the output
         return depthwise_positions * (int(np.prod(layer.depthwise_kernel.shape))

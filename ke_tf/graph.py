@@ -18,12 +18,15 @@ channels (Conv, Dense, the pointwise half of SeparableConv2D); everything else f
 - Add / Multiply / Subtract / Average / Maximum / Minimum: all inputs must hold the same set,
   which the output keeps (KELS gives every branch the same first-k prefix);
 - Concatenate on the channel axis: each input's set, offset by its position (Fig. 10-11);
-- DepthwiseConv2D: output channel c*m+j is fit iff input channel c is;
+- DepthwiseConv2D (and Conv2D with groups = input channels): output channel c*m+j is fit iff
+  input channel c is; a grouped convolution keeps the same channels in every group, its
+  input (chosen so by what produces it, `ke_tf.masks`) and its output alike;
 - Flatten / Reshape: the set broadcast over the input's spatial positions and reshaped, so a
   Flatten of an HxWxC map keeps the features i with (i mod C) fit; a Reshape must leave every
   output channel uniformly fit or reset;
 - layers that mix all channels without a kernel (LayerNormalization, Softmax, L2
-  normalization, a softmax activation) keep their inputs whole: every mixing layer whose output
+  normalization, a softmax activation), and MultiHeadAttention (KELS splits its heads
+  inside it, `ke_tf.masks`), keep their inputs and output whole: every mixing layer whose output
   reaches them through channel-wise layers keeps all its filters (`whole_producers`);
 - element-wise ops written between layers (`x + 3.0`, `x * y`: keras.ops in a functional graph,
   as MobileNetV3's hard sigmoid) combine channel by channel like Add and Multiply; an input
@@ -348,6 +351,17 @@ def _call_in(op, sets: Dict[int, np.ndarray]) -> tuple:
     return ins, outs[0]
 
 
+def attention_variables(layer) -> Dict[str, object]:
+    """{"query/kernel": variable, ...} of a `MultiHeadAttention`: the query, key and value
+    projections ([D, heads, dim] kernels, [heads, dim] biases) and the output projection
+    ([heads, dim, D] kernel, [D] bias). Refuses a gated one (Keras 3.15's use_gate)."""
+    if layer.get_config().get("use_gate"):
+        raise UnsupportedLayerError(
+            f"MultiHeadAttention '{layer.name}' is gated (use_gate=True); ke_tf splits the "
+            f"heads of ungated attention. Received: layer={layer.name}")
+    return {"/".join(v.path.split("/")[-2:]): v for v in layer.weights}
+
+
 def channel_wise_groups(layer) -> bool:
     """A grouped convolution with one input channel a group (Conv2D(groups=C_in)): depthwise,
     its output channel j*m+k made of input channel j alone, like DepthwiseConv2D."""
@@ -356,8 +370,11 @@ def channel_wise_groups(layer) -> bool:
 
 
 def _mixes_all(layer) -> bool:
-    """Whether `layer` combines all its input channels into each output without a kernel
-    (registered MIXES_ALL, or a softmax activation)."""
+    """Whether `layer` needs its inputs whole and gives a whole output: it combines all input
+    channels into each output without a kernel KELS splits (registered MIXES_ALL, a softmax
+    activation) or is attention, whose heads KELS splits inside it (`attention_heads`)."""
+    if isinstance(layer, L.MultiHeadAttention):
+        return True
     if isinstance(layer, L.Activation):
         act = getattr(layer.activation, "__name__", str(layer.activation))
         return act in CHANNEL_MIXING_ACTIVATIONS
@@ -378,12 +395,9 @@ def _output_set(layer, tensors, ins, choose_out) -> np.ndarray:
     if channel_wise_groups(layer):  # groups == input channels: a depthwise convolution
         return np.repeat(ins[0], layer.filters // layer.groups)
     if isinstance(layer, MIXING):
-        if getattr(layer, "groups", 1) != 1:
-            raise UnsupportedLayerError(
-                f"Layer '{name}' is a grouped convolution with {_channels(tensors[0]) // layer.groups}"
-                f" input channels a group: ke_tf follows groups of one input channel (a "
-                f"depthwise convolution, as ConvNeXt's); use --split_mode=wels. "
-                f"Received: groups={layer.groups}")
+        groups = getattr(layer, "groups", 1)
+        if groups > 1 and not (ins[0].reshape(groups, -1) == ins[0][:len(ins[0]) // groups]).all():
+            raise GroupConflict(layer, tensors[0])
         return choose_out(layer, ins[0])
     if isinstance(layer, L.BatchNormalization) and layer.axis not in (-1, len(tensors[0].shape) - 1):
         raise UnsupportedLayerError(
@@ -437,6 +451,19 @@ def _merge(layer, tensors, ins) -> np.ndarray:
     if any(s.shape != full[0][1].shape or (s != full[0][1]).any() for _, s in full[1:]):
         raise MergeConflict(layer, [t for t, _ in full], [s for _, s in full])
     return full[0][1] if full else np.ones(width, bool)
+
+
+class GroupConflict(UnsupportedLayerError):
+    """A grouped convolution's input does not keep the same channels in every group (what a
+    slim grouped convolution needs): `tensor`'s free producers must choose per group
+    (`ke_tf.masks`)."""
+
+    def __init__(self, layer, tensor):
+        super().__init__(
+            f"Layer '{layer.name}' is a grouped convolution ({layer.groups} groups) whose input "
+            "channels cannot keep the same fit channels in every group; use --split_mode=wels. "
+            f"Received: layer={layer.name}")
+        self.layer, self.tensor = layer, tensor
 
 
 def free_producers(model: keras.Model, tensor, links=None) -> Optional[List[str]]:

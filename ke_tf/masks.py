@@ -12,7 +12,9 @@ produces the model's output (classifier or embedding) keeps all its outputs (Alg
 its bias is all fit (sec. 3.1); so does every layer whose output must reach a layer that mixes
 all channels whole (LayerNormalization: `graph.whole_producers`); other biases follow their
 layer's output channels.
-DepthwiseConv2D kernels follow their input channels. BatchNorm is never masked (its learned
+DepthwiseConv2D kernels follow their input channels. MultiHeadAttention keeps the first
+ceil(s*heads) attention heads (their query, key, value and output projections), its input
+and output channels whole (the residual stream). BatchNorm is never masked (its learned
 statistics transfer across generations, sec. 3.1).
 
 WELS (weight-level, sec. 3.2): every kernel weight is fit with probability s, drawn from a
@@ -41,10 +43,11 @@ def kept_channels(n: int, split_rate: float) -> int:
     return max(1, math.ceil(round(split_rate * n, 9)))
 
 
-def _prefix(n: int, split_rate: float) -> np.ndarray:
-    out = np.zeros(n, bool)
-    out[:kept_channels(n, split_rate)] = True
-    return out
+def _prefix(n: int, split_rate: float, groups: int = 1) -> np.ndarray:
+    """The first ceil(s * n) of n channels; with `groups`, the first of every group's."""
+    out = np.zeros((groups, n // groups), bool)
+    out[:, :kept_channels(n // groups, split_rate)] = True
+    return out.reshape(-1)
 
 
 def masked_layers(model: keras.Model):
@@ -52,7 +55,9 @@ def masked_layers(model: keras.Model):
 
     role is "kernel" (input x output channels), "depthwise" (input channels), "grouped" (a
     convolution with one input channel a group: output channels), "pointwise" (the 1x1 half
-    of a separable conv) or "bias" (output channels)."""
+    of a separable conv) or "bias" (output channels); MultiHeadAttention's projections:
+    "heads_in" ([D, heads, dim]: its query, key and value kernels), "head_bias" ([heads, dim])
+    and "heads_out" ([heads, dim, D]: the output kernel), split by attention head."""
     for layer in graph.layers_in_order(model):
         if isinstance(layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
             roles = [(layer.depthwise_kernel, "depthwise"), (layer.pointwise_kernel, "pointwise")]
@@ -60,6 +65,16 @@ def masked_layers(model: keras.Model):
             roles = [(layer.kernel, "depthwise")]
         elif graph.channel_wise_groups(layer):
             roles = [(layer.kernel, "grouped")]
+        elif isinstance(layer, keras.layers.MultiHeadAttention):
+            v = graph.attention_variables(layer)
+            roles = [(v[f"{p}/kernel"], "heads_in") for p in ("query", "key", "value")]
+            roles += [(v[f"{p}/bias"], "head_bias") for p in ("query", "key", "value")
+                      if f"{p}/bias" in v]
+            roles.append((v["attention_output/kernel"], "heads_out"))
+            if "attention_output/bias" in v:
+                roles.append((v["attention_output/bias"], "bias"))
+            yield layer, roles
+            continue
         elif isinstance(layer, graph.MIXING):
             roles = [(layer.kernel, "kernel")]
         else:
@@ -100,16 +115,27 @@ def _kels(model, split_rate) -> Masks:
         n = layer.output.shape[-1]
         if layer.name in forced:
             return forced[layer.name]
-        return np.ones(n, bool) if layer.name in outputs else _prefix(n, split_rate)
+        groups = getattr(layer, "groups", 1)
+        return np.ones(n, bool) if layer.name in outputs else _prefix(n, split_rate, groups)
 
-    flows = _solve_merges(model, choose_out, forced)
+    flows = _solve(model, choose_out, forced, split_rate)
     masks: Masks = {}
     for layer, roles in masked_layers(model):
         flow = flows[layer.name]
         cin, cout = flow.inputs[0], flow.output
+        heads = _prefix(layer.num_heads, split_rate) if hasattr(layer, "num_heads") else None
         for var, role in roles:
             shape = tuple(var.shape)
-            if role == "kernel":
+            groups = getattr(layer, "groups", 1)
+            if role == "kernel" and groups > 1:  # [kh, kw, C_in / groups, C_out]
+                m = np.outer(cin[:len(cin) // groups], cout)
+            elif role == "heads_in":  # the first ceil(s * heads) heads, all input channels
+                m = heads[None, :, None]
+            elif role == "head_bias":
+                m = heads[:, None]
+            elif role == "heads_out":
+                m = heads[:, None, None]
+            elif role == "kernel":
                 m = np.outer(cin, cout)
             elif role == "depthwise":
                 m = np.repeat(cin[:, None], shape[-1], axis=1)
@@ -123,15 +149,23 @@ def _kels(model, split_rate) -> Masks:
     return masks
 
 
-def _solve_merges(model, choose_out, forced: Dict[str, np.ndarray]):
+def _solve(model, choose_out, forced: Dict[str, np.ndarray], split_rate: float):
     """`graph.channel_flow` where every merge (Add, Multiply, ...) gets one fit set for all its
     inputs: a branch whose channels only its own filters decide (`graph.free_producers`)
     takes the set of a branch that something else decides (a concatenation's offsets, the
-    image), so that the slim network stays exact (NASNet, InceptionResNetV2). Each conflict
-    fixes at least one layer's filters for good, so this ends."""
+    image), so that the slim network stays exact (NASNet, InceptionResNetV2); and where what
+    feeds a grouped convolution keeps the first filters of every group. Each conflict fixes at
+    least one layer's filters for good, so this ends."""
     while True:
         try:
             return graph.channel_flow(model, choose_out)
+        except graph.GroupConflict as conflict:
+            free = graph.free_producers(model, conflict.tensor)
+            if not free or any(name in forced for name in free):
+                raise
+            groups, width = conflict.layer.groups, int(conflict.tensor.shape[-1])
+            for name in free:
+                forced[name] = _prefix(width, split_rate, groups)
         except graph.MergeConflict as conflict:
             branches = [graph.free_producers(model, t) for t in conflict.tensors]
             # decided elsewhere: by the graph, or by filters an earlier merge already chose

@@ -37,8 +37,11 @@ def _seed_words(seed: Seed, path: str) -> list:
     return words + [zlib.crc32(path.encode())]
 
 
-def _initializer_of(layer, var):
-    """The initializer the layer used for `var`."""
+def _initializer_of(layer, var, role: str = ""):
+    """The initializer the layer used for `var` (of `masks.masked_layers` role `role`)."""
+    if isinstance(layer, keras.layers.MultiHeadAttention):  # its initializers: config only
+        which = "bias_initializer" if role.endswith("bias") else "kernel_initializer"
+        return keras.initializers.get(layer.get_config()[which])
     if var is getattr(layer, "bias", None):
         return layer.bias_initializer
     if isinstance(layer, graph.DEPTHWISE) or var is getattr(layer, "depthwise_kernel", None):
@@ -48,8 +51,13 @@ def _initializer_of(layer, var):
     return layer.kernel_initializer
 
 
-def _fan_in(layer, var) -> int:
-    """PyTorch's fan_in of the layer owning `var`: (C_in / groups) * prod(kernel size)."""
+def _fan_in(layer, var, role: str = "") -> int:
+    """PyTorch's fan_in of the layer owning `var`: (C_in / groups) * prod(kernel size); an
+    attention projection's input width (heads x dim for the output projection)."""
+    if role in ("heads_in", "head_bias"):
+        return int(graph.attention_variables(layer)["query/kernel"].shape[0])
+    if role == "heads_out" or (role == "bias" and isinstance(layer, keras.layers.MultiHeadAttention)):
+        return int(np.prod(graph.attention_variables(layer)["attention_output/kernel"].shape[:-1]))
     if isinstance(layer, graph.DEPTHWISE):
         return int(np.prod(layer.kernel.shape[:-2]))
     if var is getattr(layer, "depthwise_kernel", None):
@@ -58,8 +66,8 @@ def _fan_in(layer, var) -> int:
     return int(np.prod(kernel.shape[:-1]))
 
 
-def _layer_draw(layer, var, words) -> np.ndarray:
-    init = _initializer_of(layer, var)
+def _layer_draw(layer, var, role, words) -> np.ndarray:
+    init = _initializer_of(layer, var, role)
     config = init.get_config()
     if "seed" in config:
         config["seed"] = int(np.random.SeedSequence(words).generate_state(1)[0] >> 1)
@@ -67,8 +75,8 @@ def _layer_draw(layer, var, words) -> np.ndarray:
     return np.asarray(fresh(tuple(var.shape), dtype=var.dtype))
 
 
-def _torch_draw(layer, var, words) -> np.ndarray:
-    bound = 1.0 / np.sqrt(_fan_in(layer, var))
+def _torch_draw(layer, var, role, words) -> np.ndarray:
+    bound = 1.0 / np.sqrt(_fan_in(layer, var, role))
     rng = np.random.default_rng(words)
     return rng.uniform(-bound, bound, size=tuple(var.shape)).astype(var.dtype)
 
@@ -94,9 +102,9 @@ def fresh_values(model: keras.Model, masks: masks_lib.Masks, seed: Seed,
     draw = _layer_draw if reset_init == "layer" else _torch_draw
     values = {}
     for layer, roles in masks_lib.masked_layers(model):
-        for var, _ in roles:
+        for var, role in roles:
             if var.path in masks:
-                values[var.path] = draw(layer, var, _seed_words(seed, var.path))
+                values[var.path] = draw(layer, var, role, _seed_words(seed, var.path))
     return values
 
 

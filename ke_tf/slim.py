@@ -37,7 +37,8 @@ def _channel_flow(model: keras.Model, masks: masks_lib.Masks) -> Dict[str, graph
         if mask is None:
             raise ValueError(f"No mask for layer '{layer.name}'. Received: variable={kernel.path}")
         out = mask.reshape(-1, mask.shape[-1]).any(axis=0)
-        if not np.array_equal(mask, np.broadcast_to(np.outer(in_set, out), mask.shape)):
+        per_group = in_set[:mask.shape[-2]] if getattr(layer, "groups", 1) > 1 else in_set
+        if not np.array_equal(mask, np.broadcast_to(np.outer(per_group, out), mask.shape)):
             raise NotKernelLevelError(
                 f"The mask of '{kernel.path}' is not kernel-level (fit input channels x first "
                 "filters), so the fit hypothesis is no slim network; slim extraction needs KELS "
@@ -47,23 +48,45 @@ def _channel_flow(model: keras.Model, masks: masks_lib.Masks) -> Dict[str, graph
     return graph.channel_flow(model, choose_out)
 
 
+def _heads(model: keras.Model, masks: masks_lib.Masks) -> Dict[str, np.ndarray]:
+    """{attention layer name: its fit heads}, read from the query kernel's mask."""
+    out = {}
+    for layer in graph.layers_in_order(model):
+        if isinstance(layer, keras.layers.MultiHeadAttention):
+            variables = graph.attention_variables(layer)
+            mask = masks.get(variables["query/kernel"].path)
+            if mask is None:
+                raise ValueError(f"No mask for layer '{layer.name}'. Received: "
+                                 f"variable={variables['query/kernel'].path}")
+            heads = mask.any(axis=(0, 2))
+            if not np.array_equal(mask, np.broadcast_to(heads[None, :, None], mask.shape)):
+                raise NotKernelLevelError(
+                    f"The mask of '{variables['query/kernel'].path}' does not keep whole "
+                    "attention heads, so the fit hypothesis is no slim network; slim "
+                    f"extraction needs KELS masks. Received: layer={layer.name}")
+            out[layer.name] = heads
+    return out
+
+
 def architecture(model: keras.Model, masks: masks_lib.Masks) -> keras.Model:
     """The slim network's architecture with fresh (untrained) weights.
 
     Every layer of `model` is re-created from its config with its fit channel count: Conv
     `filters` and Dense `units` become the number of kept filters, and Reshape targets follow.
     This is also the "train the slim network from scratch" baseline."""
-    return _rebuild(model, _channel_flow(model, masks))
+    return _rebuild(model, _channel_flow(model, masks), _heads(model, masks))
 
 
-def _rebuild(model: keras.Model, flows: Dict[str, graph.Flow]) -> keras.Model:
+def _rebuild(model: keras.Model, flows: Dict[str, graph.Flow],
+             heads: Dict[str, np.ndarray]) -> keras.Model:
     config = model.get_config()
     config["name"] = f"{model.name}_slim"
-    _narrow(config["layers"], flows)
+    _narrow(config["layers"], flows, heads)
     return keras.Model.from_config(config)
 
 
-def _narrow(layer_configs: list, flows: Dict[str, graph.Flow]) -> None:
+def _narrow(layer_configs: list, flows: Dict[str, graph.Flow],
+            heads: Dict[str, np.ndarray]) -> None:
     """Every layer config of a graph (and of the graphs of nested models) with its fit
     channel count: Conv `filters`, Dense `units`, Reshape targets, a nested model's input."""
     for layer_config in layer_configs:
@@ -71,7 +94,7 @@ def _narrow(layer_configs: list, flows: Dict[str, graph.Flow]) -> None:
         layer_config.pop("compile_config", None)
         cfg, kind = layer_config["config"], layer_config["class_name"]
         if kind in ("Functional", "Sequential"):
-            _narrow(cfg["layers"], flows)
+            _narrow(cfg["layers"], flows, heads)
             if cfg.get("build_input_shape"):
                 cfg["build_input_shape"] = _narrowed(cfg["build_input_shape"],
                                                      flows[cfg["name"]].inputs[0])
@@ -79,12 +102,14 @@ def _narrow(layer_configs: list, flows: Dict[str, graph.Flow]) -> None:
         kept = int(flows[cfg["name"]].output.sum())
         if "filters" in cfg:
             cfg["filters"] = kept
-            if cfg.get("groups", 1) > 1:  # one input channel a group (`channel_wise_groups`)
-                cfg["groups"] = int(flows[cfg["name"]].inputs[0].sum())
+            if cfg.get("groups", 1) == len(flows[cfg["name"]].inputs[0]) > 1:
+                cfg["groups"] = int(flows[cfg["name"]].inputs[0].sum())  # depthwise-grouped
         elif kind == "Dense":
             cfg["units"] = kept
         elif kind == "Reshape" and cfg["target_shape"][-1] != -1:
             cfg["target_shape"] = tuple(cfg["target_shape"][:-1]) + (kept,)
+        elif cfg["name"] in heads:  # MultiHeadAttention: its fit heads
+            cfg["num_heads"] = int(heads[cfg["name"]].sum())
         elif kind == "InputLayer" and cfg.get("batch_shape"):  # a nested model's input
             cfg["batch_shape"] = _narrowed(cfg["batch_shape"], flows[cfg["name"]].output)
 
@@ -106,7 +131,9 @@ def _slice(layer, var, value: np.ndarray, flow: graph.Flow) -> np.ndarray:
         return value[..., mid_idx, :][..., out_idx]
     if graph.channel_wise_groups(layer):  # [kh, kw, 1, C_out]
         return value[..., out_idx]
-    if isinstance(layer, graph.MIXING):
+    if isinstance(layer, graph.MIXING):  # grouped: the fit channels of one group (all alike)
+        if getattr(layer, "groups", 1) > 1:
+            in_idx = np.flatnonzero(flow.inputs[0][:value.shape[-2]])
         return value[..., in_idx, :][..., out_idx]
     # Per-channel variables (BatchNorm gamma/beta/moving statistics, Normalization mean/var).
     if in_idx is not None and value.ndim and value.shape[-1] == len(flow.inputs[0]):
@@ -125,9 +152,9 @@ def extract(model: keras.Model, masks: masks_lib.Masks) -> keras.Model:
     Raises:
       NotKernelLevelError: the masks are not kernel-level (WELS).
     """
-    flows = _channel_flow(model, masks)
-    small = _rebuild(model, flows)
-    _copy(model, flows, small)
+    flows, heads = _channel_flow(model, masks), _heads(model, masks)
+    small = _rebuild(model, flows, heads)
+    _copy(model, flows, heads, small)
     return small
 
 
@@ -135,13 +162,21 @@ def copy_fit_weights(model: keras.Model, masks: masks_lib.Masks, target: keras.M
     """Load the fit hypothesis of `model` into an existing slim network `target` (built by
     `architecture` or `extract`), so a run re-uses one slim model (and its compiled functions)
     across generations."""
-    _copy(model, _channel_flow(model, masks), target)
+    _copy(model, _channel_flow(model, masks), _heads(model, masks), target)
 
 
-def _copy(model: keras.Model, flows: Dict[str, graph.Flow], target: keras.Model) -> None:
+def _copy(model: keras.Model, flows: Dict[str, graph.Flow], heads: Dict[str, np.ndarray],
+          target: keras.Model) -> None:
     targets = {layer.name: layer for layer in graph.layers_in_order(target)}  # nested too
     for layer in graph.layers_in_order(model):
-        if getattr(layer, "weights", None):  # a keras.ops op of the graph has none
+        if layer.name in heads:  # attention: [D, heads, dim], [heads, dim], [heads, dim, D]
+            keep = np.flatnonzero(heads[layer.name])
+            targets[layer.name].set_weights(
+                [v.numpy()[:, keep] if v.path.endswith(("query/kernel", "key/kernel",
+                                                        "value/kernel"))
+                 else v.numpy() if v.path.endswith("attention_output/bias")
+                 else v.numpy()[keep] for v in layer.weights])
+        elif getattr(layer, "weights", None):  # a keras.ops op of the graph has none
             targets[layer.name].set_weights(
                 [_slice(layer, v, v.numpy(), flows[layer.name]) for v in layer.weights])
 

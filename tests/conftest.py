@@ -131,3 +131,39 @@ def ke_main_in_process(args, capsys):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def small_vit(classes=4, side=16, patch=4, dim=16, heads=4, blocks=2):
+    """A small vision transformer from Keras layers: patch embedding (a strided Conv2D),
+    learned position embeddings (`PositionEmbedding`, registered with ke_tf.graph as
+    per-channel), pre-norm blocks of MultiHeadAttention and a GELU MLP with residual Adds, a
+    final LayerNormalization, average pooling over the tokens and a Dense head."""
+    from ke_tf import graph
+
+    graph.register_layer(PositionEmbedding, graph.PER_CHANNEL)
+    L = keras.layers
+    i = keras.Input((side, side, 3), name="images")
+    x = L.Conv2D(dim, patch, strides=patch, name="patches")(i)
+    x = PositionEmbedding(name="positions")(L.Reshape(((side // patch) ** 2, dim),
+                                                      name="tokens")(x))
+    for b in range(blocks):
+        h = L.LayerNormalization(name=f"ln_a{b}")(x)
+        h = L.MultiHeadAttention(heads, dim // heads, name=f"attention{b}")(h, h)
+        x = L.Add(name=f"residual_a{b}")([x, h])
+        h = L.Dense(2 * dim, name=f"mlp_in{b}")(L.LayerNormalization(name=f"ln_m{b}")(x))
+        h = L.Dense(dim, name=f"mlp_out{b}")(L.Activation("gelu", name=f"gelu{b}")(h))
+        x = L.Add(name=f"residual_m{b}")([x, h])
+    x = L.GlobalAveragePooling1D(name="pool")(L.LayerNormalization(name="ln_out")(x))
+    return keras.Model(i, L.Dense(classes, name="head")(x), name="small_vit")
+
+
+@keras.saving.register_keras_serializable(package="ke_tf_tests")
+class PositionEmbedding(keras.layers.Layer):
+    """A learned embedding added to every token (tokens x channels)."""
+
+    def build(self, shape):
+        self.embedding = self.add_weight(shape=tuple(shape[1:]), name="embedding",
+                                         initializer=keras.initializers.RandomNormal(0, 0.02))
+
+    def call(self, x):
+        return x + self.embedding

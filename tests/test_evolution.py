@@ -197,3 +197,23 @@ def test_a_layer_the_graph_cannot_follow_is_refused_naming_it():
     with pytest.raises(C.ConfigError, match=r"Layer 'deconv' of type Conv2DTranspose is not "
                        r"supported .* ke_tf.graph.register_layer"):
         ke_tf.evolve(model, train, **TINY)
+
+
+@pytest.mark.parametrize("split_mode", ["kels", "wels"])
+def test_evolve_a_vision_transformer(split_mode, tmp_path):
+    """Attention heads and the MLP's hidden width split (KELS; the residual stream, the
+    patch embedding and the head stay whole), any kernel (WELS), through two generations."""
+    model = conftest.small_vit()
+    train, test = in_memory()
+    result = ke_tf.evolve(model, train, test=test, split_mode=split_mode,
+                          run_dir=str(tmp_path / "run"), **TINY)
+    nets = ("dense", "slim", "slim_recal") if split_mode == "kels" else ("dense",)
+    assert [r["net"] for r in result.rows] == list(nets) * 2
+    assert all(np.isfinite(r["train_loss"]) for r in result.rows)
+    if split_mode == "kels":
+        assert result.slim.get_layer("attention1").get_config()["num_heads"] == 2
+        assert result.rows[1]["params"] < 0.7 * result.rows[0]["params"]
+    loaded = checkpoint.load_networks(str(tmp_path / "run"))  # rebuilt from network.json
+    x = np.random.default_rng(3).normal(size=(2, 16, 16, 3)).astype("float32")
+    np.testing.assert_allclose(loaded.nets["dense"](x, training=False).numpy(),
+                               model(x, training=False).numpy(), atol=1e-5)

@@ -168,3 +168,38 @@ def test_a_users_layer_is_one_registration():
         del graph._RULES[Scale], graph._RULES[Twice]
     with pytest.raises(ValueError, match="rule must be ke_tf.graph.PER_CHANNEL"):
         graph.register_layer(Scale, "sideways")
+
+
+def test_a_vision_transformer_splits_heads_and_mlp_and_keeps_the_residual_stream():
+    from conftest import small_vit
+
+    model = small_vit()
+    small, m = assert_equivalent(model)
+    assert small.get_layer("attention0").get_config()["num_heads"] == 2  # 2 of 4 heads
+    np.testing.assert_array_equal(m["attention0/query/kernel"].any(axis=(0, 2)), [1, 1, 0, 0])
+    assert m["attention0/attention_output/bias"].all()  # into the residual stream: whole
+    widths = {n: small.get_layer(n).output.shape[-1] for n in ("patches", "mlp_in0", "mlp_out0")}
+    assert widths == {"patches": 16, "mlp_in0": 16, "mlp_out0": 16}  # MLP 32 -> 16
+    attention = [c for c in cost.layer_costs(model) if c.name == "attention0"][0]
+    tokens, width = 16, 16  # 16 tokens of 16 channels, 4 heads of 4: projections + attention
+    assert attention.macs == 4 * tokens * width * width + 2 * tokens * tokens * width
+    assert cost.total(small)[1] < cost.total(model)[1]
+    wels = masks.compute(model, "wels", 0.5, seed=0)
+    assert 0.4 < wels["attention1/value/kernel"].mean() < 0.6  # WELS: any kernel
+
+
+def test_a_grouped_convolution_is_split_within_every_group():
+    """Conv2D(groups=2) on 8 channels: what feeds it keeps the first half of each group (not
+    the first half of all channels), and so does its own output; the slim conv keeps its 2
+    groups."""
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    x = L.BatchNormalization(name="bn")(L.Conv2D(8, 1, name="c1")(i))
+    x = L.Conv2D(8, 3, groups=2, name="grouped")(L.ReLU(name="relu")(x))
+    y = L.Dense(3, name="fc")(L.GlobalAveragePooling2D(name="pool")(x))
+    small, m = assert_equivalent(keras.Model(i, y))
+    np.testing.assert_array_equal(m["c1/kernel"][0, 0, 0], [1, 1, 0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(m["grouped/kernel"][0, 0, :, :].any(axis=0),
+                                  [1, 1, 0, 0, 1, 1, 0, 0])
+    assert small.get_layer("grouped").get_config()["groups"] == 2
+    assert small.get_layer("grouped").kernel.shape == (3, 3, 2, 4)
