@@ -1,8 +1,8 @@
 """Knowledge Evolution on every keras.applications constructor of the pinned Keras: KELS masks
 from the graph, and the slim network equal to the dense one with its reset hypothesis zeroed
-(random BatchNorm statistics, relative difference <= 1e-5); the families the graph code learned
-last (keras.ops between layers, nested models, LayerNormalization, depthwise-grouped convs,
-merges solved over the graph) also train two generations through `ke_tf.evolve` and export."""
+(random BatchNorm statistics, relative difference <= 1e-5); two families the graph code learned
+last also train two generations through `ke_tf.evolve` and export (ConvNeXt: nested models,
+LayerNormalization, depthwise-grouped convs; MobileNetV3: keras.ops between layers)."""
 import inspect
 
 import keras
@@ -16,7 +16,8 @@ from ke_tf import masks, slim
 
 CONSTRUCTORS = sorted(name for name, f in inspect.getmembers(keras.applications, inspect.isfunction)
                       if name[0].isupper())
-SIDE = {"InceptionV3": 75, "InceptionResNetV2": 75}  # their smallest input; the others: 32
+SIDE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 75}  # their smallest: 75 and
+# 71 px; the others take 32
 
 
 def build(name, classes=4):
@@ -51,7 +52,7 @@ def test_every_constructor_splits_and_slims_exactly(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ConvNeXtTiny", "MobileNetV3Small", "NASNetMobile"])
+@pytest.mark.parametrize("name", ["ConvNeXtTiny", "MobileNetV3Small"])
 def test_new_families_evolve_and_export(name, tmp_path):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(16, 32, 32, 3)).astype("float32"), np.arange(16) % 4
