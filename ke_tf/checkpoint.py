@@ -62,10 +62,30 @@ def variables_of(variables) -> Dict[str, np.ndarray]:
     return out
 
 
+# Keras names the random state of a Dropout (and other random layers) by a process-wide
+# counter, "seed_generator_N/seed_generator_state": a network rebuilt in another process (the
+# export command, from network.json) numbers them anew.
+_SEED_STATE = re.compile(r"(^|/)seed_generator(_\d+)?/seed_generator_state$")
+
+
+def _by_seed_order(paths: list, values: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """`values` keyed by `paths` where the two differ only in the numbers of seed-generator
+    states: those are matched in order (the order of the network's variables)."""
+    mine = [p for p in paths if _SEED_STATE.search(p)]
+    saved = [k for k in values if _SEED_STATE.search(k)]
+    if len(mine) != len(saved) or set(paths) - set(mine) != set(values) - set(saved):
+        return values
+    renamed = {k: v for k, v in values.items() if k not in saved}
+    renamed.update(zip(mine, (values[k] for k in saved)))
+    return renamed
+
+
 def assign(variables, values: Dict[str, np.ndarray], what: str) -> None:
-    """Assign `values` (from `variables_of`) back; every path and shape must match."""
+    """Assign `values` (from `variables_of`) back; every path and shape must match (but the
+    numbers of seed-generator states, `_by_seed_order`)."""
     variables = list(variables)
     paths = [getattr(v, "path", None) or v.name for v in variables]
+    values = _by_seed_order(paths, values)
     if sorted(paths) != sorted(values):
         missing = sorted(set(paths) - set(values))[:3]
         extra = sorted(set(values) - set(paths))[:3]

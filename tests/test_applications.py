@@ -62,11 +62,36 @@ def test_new_families_evolve_and_export(name, tmp_path):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(16, 32, 32, 3)).astype("float32"), np.arange(16) % 4
     train = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    run_dir = str(tmp_path / "run")
     result = ke_tf.evolve(build(name), train, test=train, generations=2, epochs=1,
-                          warmup_epochs=0, lr=0.01, split_rate=0.5, run_dir=str(tmp_path / "run"),
+                          warmup_epochs=0, lr=0.01, split_rate=0.5, run_dir=run_dir,
                           verbose=False)
     assert [r["net"] for r in result.rows] == ["dense", "slim", "slim_recal"] * 2
     assert all(np.isfinite(r["train_loss"]) for r in result.rows)
     served = tf.saved_model.load(str(tmp_path / "run" / "export" / "slim"))
     logits = served.signatures["serving_default"](images=x[:3])["logits"].numpy()
     np.testing.assert_allclose(logits, result.slim(x[:3], training=False).numpy(), atol=1e-4)
+
+
+def test_export_command_rebuilds_a_network_with_dropout(tmp_path):
+    """`python -m ke_tf.export` rebuilds an evolved network from network.json in a new process,
+    where Keras numbers the random state of its Dropout anew (seed_generator_N): the checkpoint
+    still fits (`checkpoint.assign`)."""
+    from ke_tf import checkpoint, export
+
+    i = keras.Input((8, 8, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, name="conv")(i))
+    model = keras.Model(i, keras.layers.Dense(4, name="fc")(keras.layers.Dropout(0.2)(x)))
+    x, y = np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype("float32"), np.arange(8) % 4
+    run_dir = str(tmp_path / "run")
+    ke_tf.evolve(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(4), generations=1,
+                 epochs=1, warmup_epochs=0, split_rate=0.5, run_dir=run_dir, export=False,
+                 verbose=False)
+    _, saved = checkpoint.load(checkpoint.generation_dir(run_dir, 1))
+    renumbered = {k.replace("seed_generator/", "seed_generator_7/"): v
+                  for k, v in saved["dense"].items()}  # as another process numbers it
+    assert renumbered != saved["dense"]
+    checkpoint.assign(model.variables, renumbered, "dense network")
+    path = export.export_run(run_dir, "keras", "dense")
+    np.testing.assert_allclose(export.load_keras(path)(x, training=False).numpy(),
+                               model(x, training=False).numpy(), atol=1e-5)
