@@ -62,30 +62,37 @@ def variables_of(variables) -> Dict[str, np.ndarray]:
     return out
 
 
-# Keras names the random state of a Dropout (and other random layers) by a process-wide
-# counter, "seed_generator_N/seed_generator_state": a network rebuilt in another process (the
-# export command, from network.json) numbers them anew.
+# A network rebuilt in another process (the export command, from network.json) may name some
+# variables otherwise than the one that was trained: Keras numbers the random state of a Dropout
+# by a process-wide counter ("seed_generator_N/seed_generator_state"), and a nested Sequential
+# built where it was first called prefixes its variables with its name ("stem/conv/kernel")
+# where one deserialized is built before (no prefix). Its variables come in the same order.
 _SEED_STATE = re.compile(r"(^|/)seed_generator(_\d+)?/seed_generator_state$")
 
 
-def _by_seed_order(paths: list, values: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """`values` keyed by `paths` where the two differ only in the numbers of seed-generator
-    states: those are matched in order (the order of the network's variables)."""
-    mine = [p for p in paths if _SEED_STATE.search(p)]
-    saved = [k for k in values if _SEED_STATE.search(k)]
-    if len(mine) != len(saved) or set(paths) - set(mine) != set(values) - set(saved):
-        return values
-    renamed = {k: v for k, v in values.items() if k not in saved}
-    renamed.update(zip(mine, (values[k] for k in saved)))
-    return renamed
+def _same_variable(mine: str, saved: str) -> bool:
+    if _SEED_STATE.search(mine) and _SEED_STATE.search(saved):
+        return True
+    return mine == saved or mine.endswith("/" + saved) or saved.endswith("/" + mine)
 
 
-def assign(variables, values: Dict[str, np.ndarray], what: str) -> None:
-    """Assign `values` (from `variables_of`) back; every path and shape must match (but the
-    numbers of seed-generator states, `_by_seed_order`)."""
+def renaming(paths: list, values: Dict[str, np.ndarray]) -> Dict[str, str]:
+    """{saved key: path} pairing `values` (saved in the order of the network's variables) with
+    `paths` (the order of a rebuilt network's): in order, when every pair names the same layer's
+    variable up to a prefix or a seed-generator number (above); otherwise the identity."""
+    if len(paths) == len(values) and set(paths) != set(values) and all(
+            _same_variable(mine, saved) for mine, saved in zip(paths, values)):
+        return dict(zip(values, paths))
+    return {k: k for k in values}
+
+
+def assign(variables, values: Dict[str, np.ndarray], what: str) -> Dict[str, str]:
+    """Assign `values` (from `variables_of`) back; every path and shape must match (up to the
+    renaming of a rebuilt network, `renaming`). Returns that renaming, {saved key: path}."""
     variables = list(variables)
     paths = [getattr(v, "path", None) or v.name for v in variables]
-    values = _by_seed_order(paths, values)
+    renamed = renaming(paths, values)
+    values = {renamed[k]: v for k, v in values.items()}
     if sorted(paths) != sorted(values):
         missing = sorted(set(paths) - set(values))[:3]
         extra = sorted(set(values) - set(paths))[:3]
@@ -97,6 +104,7 @@ def assign(variables, values: Dict[str, np.ndarray], what: str) -> None:
             raise ConfigError(f"the checkpoint's {what} has {path} of shape {value.shape}, the "
                               f"network {tuple(var.shape)}")
         var.assign(value.astype(var.dtype.name if hasattr(var.dtype, "name") else var.dtype))
+    return renamed
 
 
 def save(path: str, state: dict, arrays: Dict[str, Dict[str, np.ndarray]]) -> None:
@@ -214,11 +222,14 @@ def load_networks(run_dir: str, generation: Optional[int] = None) -> Loaded:
         embedding_dim=m.embedding_dim, width_multiplier=m.width_multiplier,
         classifier=networks.classifier_for(config.train.loss))
     nets = {}
+    renamed = {}
     if "dense" in arrays:
-        assign(dense.variables, arrays["dense"], "dense network")
+        renamed = assign(dense.variables, arrays["dense"], "dense network")
         nets["dense"] = dense
     if "slim" in arrays:
-        net = methods.create(config).slim_architecture(dense, arrays.get("masks", {}))
+        saved_masks = arrays.get("masks", {})
+        net = methods.create(config).slim_architecture(
+            dense, {renamed.get(k, k): m for k, m in saved_masks.items()})
         assign(net.variables, arrays["slim"], "slim network")
         nets["slim"] = net
     return Loaded(nets=nets, generation=generation, class_names=tuple(state["class_names"]),

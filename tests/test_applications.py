@@ -73,20 +73,27 @@ def test_new_families_evolve_and_export(name, tmp_path):
     np.testing.assert_allclose(logits, result.slim(x[:3], training=False).numpy(), atol=1e-4)
 
 
-def test_export_command_rebuilds_a_network_with_dropout(tmp_path):
+def test_export_command_rebuilds_a_network_with_dropout_and_a_nested_sequential(tmp_path):
     """`python -m ke_tf.export` rebuilds an evolved network from network.json in a new process,
-    where Keras numbers the random state of its Dropout anew (seed_generator_N): the checkpoint
-    still fits (`checkpoint.assign`)."""
+    which names some variables otherwise: Keras numbers the random state of a Dropout anew
+    (seed_generator_N), and a nested Sequential built when first called ("stem/conv/kernel",
+    as ConvNeXt's stem) is built unprefixed when deserialized. The checkpoint and its masks
+    still fit (`checkpoint.renaming`): the exports compute what the run returned."""
     from ke_tf import checkpoint, export
 
     i = keras.Input((8, 8, 3))
-    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, name="conv")(i))
+    stem = keras.Sequential([keras.layers.Conv2D(8, 3, name="conv"),
+                             keras.layers.BatchNormalization(name="bn")], name="stem")
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, name="conv2")(stem(i)))
     model = keras.Model(i, keras.layers.Dense(4, name="fc")(keras.layers.Dropout(0.2)(x)))
+    assert "stem/conv/kernel" in [v.path for v in model.variables]
     x, y = np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype("float32"), np.arange(8) % 4
     run_dir = str(tmp_path / "run")
-    ke_tf.evolve(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(4), generations=1,
-                 epochs=1, warmup_epochs=0, split_rate=0.5, run_dir=run_dir, export=False,
-                 verbose=False)
+    result = ke_tf.evolve(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(4),
+                          generations=1, epochs=1, warmup_epochs=0, split_rate=0.5,
+                          run_dir=run_dir, export=False, verbose=False)
+    rebuilt = checkpoint._network_of(run_dir)
+    assert "stem/conv/kernel" not in [v.path for v in rebuilt.variables]  # what is renamed
     _, saved = checkpoint.load(checkpoint.generation_dir(run_dir, 1))
     import re
 
@@ -94,6 +101,7 @@ def test_export_command_rebuilds_a_network_with_dropout(tmp_path):
                   for k, v in saved["dense"].items()}  # as another process numbers it
     assert set(renumbered) != set(saved["dense"])
     checkpoint.assign(model.variables, renumbered, "dense network")
-    path = export.export_run(run_dir, "keras", "dense")
-    np.testing.assert_allclose(export.load_keras(path)(x, training=False).numpy(),
-                               model(x, training=False).numpy(), atol=1e-5)
+    for net in ("dense", "slim"):
+        path = export.export_run(run_dir, "keras", net)
+        np.testing.assert_allclose(export.load_keras(path)(x, training=False).numpy(),
+                                   getattr(result, net)(x, training=False).numpy(), atol=1e-5)
