@@ -7,7 +7,9 @@ Layout under `<run_dir>/tensorboard/`:
   network row of results.csv (dense, slim, slim_recal; `test_top1`... or `recall_at_1`...),
   `train/top1`, `train/loss`, and the mean |w| of the fit and reset hypotheses per layer
   (`fit/<layer>`, `reset/<layer>`, paper Fig. 7 and 15) with histograms of both
-  (`hypotheses/fit`, `hypotheses/reset`), the generation each shipped network is selected
+  (`hypotheses/fit`, `hypotheses/reset`, of at most HISTOGRAM_VALUES evenly strided weights:
+  TensorBoard's histogram op one-hot encodes every value, 8 s a generation for a network of
+  54M weights), the generation each shipped network is selected
   from so far (`selected/dense`, `selected/slim`: `ke_tf.selection`) and, when --patience
   stopped the run, why (`stopped`, text); the run's flags as text (`flags`) at step 0;
 - the directory itself: the HParams plugin's data, one session per run: the flags that tell
@@ -61,6 +63,7 @@ _HPARAM_TYPES = {"dataset": str, "task": str, "arch": str, "width_multiplier": f
                  "evolve_mode": str, "reset_init": str, "regularizer": str, "generations": int,
                  "epochs": int, "lr": float, "weight_decay": float, "batch_size": int, "seed": int}
 GENERATIONS_RUN = "generations"
+HISTOGRAM_VALUES = 100_000  # weights a hypotheses/ histogram is drawn from, at most
 # The metrics of the HParams table: the last generation's value of these `generations/` series.
 # One list for both tasks (a dashboard mixes classification and metric-learning runs); a run
 # shows the ones it has.
@@ -208,15 +211,16 @@ class Monitor(Hook):
             for key, value in train.items():
                 tf.summary.scalar(key.replace("train_", "train/"), value)
             for layer, (fit, reset) in hypotheses.items():
-                tf.summary.scalar(f"fit/{layer}", float(fit.mean()) if fit.size else 0.0)
+                if fit.size:  # LLF resets some kernels whole: no fit hypothesis there
+                    tf.summary.scalar(f"fit/{layer}", float(fit.mean()))
                 if reset.size:
                     tf.summary.scalar(f"reset/{layer}", float(reset.mean()))
             all_fit = np.concatenate([f for f, _ in hypotheses.values()] or [np.zeros(0)])
             all_reset = np.concatenate([r for _, r in hypotheses.values()] or [np.zeros(0)])
-            if all_fit.size:
-                tf.summary.histogram("hypotheses/fit", all_fit)
-            if all_reset.size:
-                tf.summary.histogram("hypotheses/reset", all_reset)
+            for name, values in (("fit", all_fit), ("reset", all_reset)):
+                if values.size:
+                    stride = -(-values.size // HISTOGRAM_VALUES)
+                    tf.summary.histogram(f"hypotheses/{name}", values[::stride])
         self.generations.flush()
 
     def print_table(self, rows: List[Dict], columns: List[str]) -> None:

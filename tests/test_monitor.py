@@ -116,6 +116,19 @@ def test_hypothesis_histograms(logged):
     assert fit2[:, 0].min() == pytest.approx(1.0) and fit2[:, 1].max() == pytest.approx(3.0)
 
 
+def test_hypothesis_histograms_draw_from_at_most_histogram_values_weights(tmp_path, monkeypatch):
+    from ke_tf import monitor
+
+    monkeypatch.setattr(monitor, "HISTOGRAM_VALUES", 3)  # 8 fit weights: every 3rd, 3 of them
+    mon = Monitor(str(tmp_path / "tb"), FLAGS, verbose=False)
+    mon.log_generation(1, rows_of(1), COLUMNS, {"train_loss": 0.5}, hypotheses_of(1))
+    mon.close()
+    acc = accumulator(tmp_path / "tb" / "generations")
+    counts = {tag: tf.make_ndarray(acc.Tensors(tag)[0].tensor_proto)[:, 2].sum()
+              for tag in ("hypotheses/fit", "hypotheses/reset")}
+    assert counts == {"hypotheses/fit": 3, "hypotheses/reset": 2}
+
+
 def test_flags_text(logged):
     acc = accumulator(logged / "generations")
     (event,) = acc.Tensors("flags")
