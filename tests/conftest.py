@@ -16,7 +16,8 @@ import pytest  # noqa: E402
 # The test files that take longest (`--durations=0` summed per file, 2 cores), started first and
 # in this order, so that pytest-xdist's workers end together instead of one finishing a long file
 # alone (pytest.ini: --no-loadscope-reorder keeps the order given here).
-LONGEST_FIRST = ("test_resume.py", "test_multi_worker.py", "test_applications.py", "test_adacos_training.py",
+LONGEST_FIRST = ("test_resume.py", "test_multi_worker.py", "test_application_families.py",
+                 "test_applications.py", "test_adacos_training.py", "test_damage.py",
                  "test_generations.py", "test_bans.py", "test_main.py", "test_export.py",
                  "test_benchmark.py", "test_evolution.py", "test_readme.py", "test_distribute.py")
 
@@ -167,3 +168,44 @@ class PositionEmbedding(keras.layers.Layer):
 
     def call(self, x):
         return x + self.embedding
+
+
+# keras.applications at their smallest input (75 px for the Inceptions, Xception's minimum is
+# 71; the others take 32), 4 classes, logits; the smallest member of each family (Keras
+# 3.12-3.15: 40 constructors in 14 families, by name pattern).
+APPLICATION_SIDE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 75}
+APPLICATION_FAMILIES = {
+    "ConvNeXt": "ConvNeXtTiny", "DenseNet": "DenseNet121", "EfficientNetV2": "EfficientNetV2B0",
+    "EfficientNet": "EfficientNetB0", "InceptionResNetV2": "InceptionResNetV2",
+    "InceptionV3": "InceptionV3", "MobileNetV3": "MobileNetV3Small", "MobileNetV2": "MobileNetV2",
+    "MobileNet": "MobileNet", "NASNet": "NASNetMobile", "ResNet\\d+V2": "ResNet50V2",
+    "ResNet": "ResNet50", "VGG": "VGG16", "Xception": "Xception"}
+
+
+def keras_application(name, classes=4):
+    side = APPLICATION_SIDE.get(name, 32)
+    return getattr(keras.applications, name)(weights=None, classes=classes,
+                                             input_shape=(side, side, 3),
+                                             classifier_activation=None)
+
+
+def application_family(name):
+    import re
+
+    return next(f for f in APPLICATION_FAMILIES if re.match(f, name))
+
+
+def assert_slim_equals_dense_without_reset(model, m):
+    """KELS's slim network of `model` computes what `model` computes with its reset hypothesis
+    zeroed (zeroed in place), up to a relative 1e-5, and has under 60% of its parameters."""
+    from ke_tf import slim
+
+    small = slim.extract(model, m)
+    assert small.count_params() < 0.6 * model.count_params()
+    for v in model.weights:
+        if v.path in m:
+            v.assign(np.where(m[v.path], v.numpy(), 0).astype(v.dtype))
+    x = np.random.default_rng(0).normal(size=(2,) + tuple(model.input.shape[1:]))
+    want = model(x.astype("float32"), training=False).numpy()
+    got = small(x.astype("float32"), training=False).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
