@@ -68,7 +68,7 @@ class DataConfig:
     val_fraction: float = 0.0
     seed: int = 0
     class_pairs: bool = False  # CS-KD batches: b/2 anchors, then a partner of each one's class
-    skip_corrupt_images: bool = False  # folder datasets: skip (and count) unreadable images
+    skip_corrupt_images: bool = False  # folder datasets: leave out (and list) undecodable images
 
     def validate(self) -> "DataConfig":
         ds = self.dataset

@@ -64,8 +64,10 @@ def run(config: RunConfig, *, network: Optional[keras.Model] = None,
         data: Optional[data_lib.Data] = None, verbose: bool = True,
         hooks: Sequence[Hook] = ()) -> Evolved:
     """One KE run of `config` (of its own architecture and data, or of the given ones)."""
-    runner = GenerationRunner(config, data=data, verbose=verbose, hooks=hooks, network=network)
-    rows = runner.run()
+    with data_lib.naming_undecodable(config.data):  # a damaged image found late, named
+        runner = GenerationRunner(config, data=data, verbose=verbose, hooks=hooks,
+                                  network=network)
+        rows = runner.run()
     shipped = runner.shipped()
     return Evolved(rows, shipped.get("dense"), shipped.get("slim"), runner, config.run_dir,
                    dict(runner.state.selected), runner.state.stopped)

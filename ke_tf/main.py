@@ -35,8 +35,8 @@ flags.DEFINE_string("data_dir", None, "tfds data directory [default: ~/tensorflo
                     module_name=DATA)
 flags.DEFINE_string("manual_dir", None, "Directory of manually downloaded tfds archives.",
                     module_name=DATA)
-flags.DEFINE_boolean("skip_corrupt_images", D["skip_corrupt_images"], "folder:PATH: skip (and count) corrupt or "
-                     "non-image files instead of stopping.", module_name=DATA)
+flags.DEFINE_boolean("skip_corrupt_images", D["skip_corrupt_images"], "folder:PATH: decode every file up front; leave "
+                     "out (and list) corrupt or non-image ones instead of stopping.", module_name=DATA)
 flags.DEFINE_integer("image_size", None, f"Square input side in pixels [default: {P['image_size']} "
                      f"digits, {D['image_size']} otherwise].", lower_bound=8, upper_bound=1024, module_name=DATA)
 flags.DEFINE_enum("task", D["task"], C.TASKS, "classification (top-1/top-5) or metric "

@@ -111,12 +111,13 @@ def test_train_order_is_reproducible_and_reshuffled_every_epoch():
 
 
 def test_augmentation_is_reproducible_and_differs_across_seeds_and_epochs(tmp_path):
-    for split in ("train", "test"):  # one training image: only the augmentation varies
+    for split in ("train", "test"):  # class a's one image: only its augmentation varies
         write_png(str(tmp_path / split / "a" / "0.png"), coordinate_image(40, 50))
+    write_png(str(tmp_path / "train" / "b" / "0.png"), coordinate_image(30, 30))
 
     def epochs(seed):
         d = data.load(DataConfig(dataset=f"folder:{tmp_path}", image_size=16, seed=seed))
-        return arrays(epoch(d, 0))[0], arrays(epoch(d, 1))[0]
+        return [x[y == 0] for x, y in (arrays(epoch(d, 0)), arrays(epoch(d, 1)))]
 
     (a1, a2), (b1, b2), (c1, _) = epochs(0), epochs(0), epochs(1)
     np.testing.assert_array_equal(a1, b1)
@@ -196,6 +197,7 @@ def test_eval_preprocessing_is_a_center_crop(tmp_path):
     image = coordinate_image(18, 30)
     for split in ("train", "test"):
         write_png(str(tmp_path / split / "a" / "0.png"), image)
+    write_png(str(tmp_path / "train" / "b" / "0.png"), image)  # a second class
     d = data.load(DataConfig(dataset=f"folder:{tmp_path}", image_size=16, batch_size=4))
     x, _ = arrays(d.test)
     expected = image[1:17, 7:23] / 255.0
@@ -232,7 +234,7 @@ def test_folder_dataset(tmp_path):
 
 
 def test_folder_corrupt_file_is_named(tmp_path):
-    make_folder(tmp_path, {"train": {"a": 1}, "test": {"a": 1}})
+    make_folder(tmp_path, {"train": {"a": 1, "b": 1}, "test": {"a": 1}})
     bad = tmp_path / "test" / "a" / "notes.jpg"
     bad.write_text("not an image")
     with pytest.raises(data.DataError, match="notes.jpg"):
@@ -248,7 +250,7 @@ def test_folder_missing_directories(tmp_path):
 
 
 def test_folder_unknown_test_class(tmp_path):
-    make_folder(tmp_path, {"train": {"a": 1}, "test": {"a": 1, "z": 1}})
+    make_folder(tmp_path, {"train": {"a": 1, "b": 1}, "test": {"a": 1, "z": 1}})
     with pytest.raises(data.DataError, match=r"test has classes that .* lacks: z"):
         data.load(DataConfig(dataset=f"folder:{tmp_path}"))
 

@@ -20,7 +20,7 @@ epoch e has the same batches in a run that resumes at epoch e as in one that nev
 """
 from ke_tf.data import pipelines, sources, transforms
 from ke_tf.data.pipelines import Data, DatasetInfo, anchors_then_partners, from_datasets, load
-from ke_tf.data.sources import DataError, image_problem
+from ke_tf.data.sources import DataError, image_problem, naming_undecodable, undecodable
 from ke_tf.data.transforms import (
     DIGITS, IMAGENET_MEAN, IMAGENET_STD, NATURAL, Augment, eval_side, eval_transform, normalize,
     random_resized_crop, resize_shorter_side, train_transform)
@@ -28,7 +28,7 @@ from ke_tf.data.transforms import (
 __all__ = [
     "pipelines", "sources", "transforms",
     "Data", "DatasetInfo", "anchors_then_partners", "from_datasets", "load",
-    "DataError", "image_problem",
+    "DataError", "image_problem", "naming_undecodable", "undecodable",
     "DIGITS", "IMAGENET_MEAN", "IMAGENET_STD", "NATURAL", "Augment", "eval_side", "eval_transform",
     "normalize", "random_resized_crop", "resize_shorter_side", "train_transform",
 ]

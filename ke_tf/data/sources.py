@@ -29,16 +29,23 @@ A tfds dataset that is not prepared is downloaded (raw files taken from --manual
 without network that fails at once with a DataError saying where the data goes. For
 task="metric" the encoded images of a tfds dataset are read into memory once and cut by class;
 otherwise they stay in tfds' records until decoded. A folder's files are checked from their
-first and last bytes (`image_problem`): a corrupt one stops the run, or with
-skip_corrupt_images is left out. `Source.decode` decodes one image to uint8 RGB and resizes it
+first and last bytes (`image_problem`): a cut-short or non-image file stops the run naming it;
+with skip_corrupt_images every file is also decoded once up front (`undecodable`) and each that
+fails, whatever part of it is damaged, is left out and listed. Without it, a file whose damage
+only decoding finds stops the run when the pipeline reaches it, named (`naming_undecodable`).
+A folder's class names must be printable (they become the lines of class_names.txt), its
+training split needs two classes or more, and no class folder may be empty. `Source.decode` decodes one image to uint8 RGB and resizes it
 (`transforms.resize_shorter_side`) to the evaluation side; digits are upsampled (bilinear) to
 `image_size`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import re
+import unicodedata
 from typing import Callable, Optional
 from urllib.parse import urlsplit
 
@@ -262,17 +269,21 @@ def _folder(cfg: DataConfig):
             raise DataError(f"{flag}: {os.path.join(root, split)} is not a directory; expected "
                             f"{root}/train/<class>/<image>, {root}/test/<class>/<image> and "
                             f"optionally {root}/val/<class>/<image>")
-    classes = _class_dirs(os.path.join(root, "train"))
+    classes = _class_dirs(os.path.join(root, "train"), flag)
+    if len(classes) < 2:
+        raise DataError(f"{flag}: {os.path.join(root, 'train')} has {len(classes)} class "
+                        f"folder{'s' if len(classes) != 1 else ''} ({', '.join(classes) or 'none'}); "
+                        "a classifier needs two classes or more")
     if cfg.task == "metric":
-        shared = sorted(set(classes) & set(_class_dirs(os.path.join(root, "test"))))
+        shared = sorted(set(classes) & set(_class_dirs(os.path.join(root, "test"), flag)))
         if shared:  # the protocol evaluates on classes never seen in training
             raise DataError(f"{flag} with --task=metric: {root}/train and {root}/test share "
                             f"classes ({', '.join(shared[:5])}); metric learning needs "
                             f"class-disjoint train and test classes")
         splits = ["train", "test"]
         if os.path.isdir(os.path.join(root, "val")):  # its own classes, disjoint from both
-            shared = sorted(set(_class_dirs(os.path.join(root, "val"))) & (
-                set(classes) | set(_class_dirs(os.path.join(root, "test")))))
+            shared = sorted(set(_class_dirs(os.path.join(root, "val"), flag)) & (
+                set(classes) | set(_class_dirs(os.path.join(root, "test"), flag))))
             if shared:
                 raise DataError(f"{flag} with --task=metric: {root}/val shares classes with "
                                 f"train or test ({', '.join(shared[:5])}); a metric-learning "
@@ -280,9 +291,9 @@ def _folder(cfg: DataConfig):
             splits.append("val")
         pools, skipped = {}, []
         for split in splits:
-            names = _class_dirs(os.path.join(root, split))
+            names = _class_dirs(os.path.join(root, split), flag)
             files, labels = _images(os.path.join(root, split), names, flag,
-                                    cfg.skip_corrupt_images, skipped)
+                                    cfg.skip_corrupt_images, skipped, every_class=True)
             pools[split] = Pool(files, labels, tuple(names))
         return _natural(classes, pools, cfg, paths=True, skipped=skipped)
     splits, skipped = {}, []
@@ -290,27 +301,41 @@ def _folder(cfg: DataConfig):
         split_dir = os.path.join(root, split)
         if not os.path.isdir(split_dir):
             continue
-        unknown = sorted(set(_class_dirs(split_dir)) - set(classes))
+        unknown = sorted(set(_class_dirs(split_dir, flag)) - set(classes))
         if unknown:
             raise DataError(f"{flag}: {split_dir} has classes that {root}/train lacks: "
                             f"{', '.join(unknown)}")
-        files, labels = _images(split_dir, classes, flag, cfg.skip_corrupt_images, skipped)
+        files, labels = _images(split_dir, classes, flag, cfg.skip_corrupt_images, skipped,
+                                every_class=split == "train")
         ds = tf.data.Dataset.from_tensor_slices((files, labels))
         ds = ds.map(lambda p, y: (tf.io.read_file(p), y), num_parallel_calls=AUTOTUNE)
         splits[split] = (ds, len(files))
     return _natural(classes, splits, cfg, skipped=skipped)
 
 
-def _class_dirs(split_dir: str) -> list[str]:
-    return sorted(d for d in os.listdir(split_dir)
-                  if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d)))
+def _class_dirs(split_dir: str, flag: str = "") -> list[str]:
+    """The class folders of `split_dir`, sorted; a name with a control character (a newline
+    would shift every line of class_names.txt after it) raises DataError naming it."""
+    names = sorted(d for d in os.listdir(split_dir)
+                   if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d)))
+    for name in names:
+        bad = [c for c in name if unicodedata.category(c).startswith("C")]
+        if bad:
+            raise DataError(f"{flag or 'folder dataset'}: the class folder "
+                            f"{os.path.join(split_dir, name)!r} has a control character in its "
+                            f"name ({bad[0]!r}); class names become the lines of "
+                            "class_names.txt: rename the folder")
+    return names
 
 
 def _images(split_dir: str, classes, flag: str, skip_corrupt: bool = False,
-            skipped: Optional[list] = None) -> tuple[np.ndarray, np.ndarray]:
+            skipped: Optional[list] = None, every_class: bool = False
+            ) -> tuple[np.ndarray, np.ndarray]:
     """The image files of split_dir/<class> and their int32 labels (indices into `classes`),
-    in a fixed order that mixes the classes. A corrupt or non-image file stops the run with a
-    DataError naming it, or with `skip_corrupt` is left out and appended to `skipped`."""
+    in a fixed order that mixes the classes. A cut-short or non-image file stops the run with a
+    DataError naming it; with `skip_corrupt` it is left out, and so is every file that does not
+    decode (`undecodable`), each appended to `skipped`. `every_class`: a class with no image
+    (an empty folder: an output nothing could be trained to predict) raises DataError."""
     files, labels = [], []
     for label, name in enumerate(classes):
         class_dir = os.path.join(split_dir, name)
@@ -326,11 +351,77 @@ def _images(split_dir: str, classes, flag: str, skip_corrupt: bool = False,
             else:
                 files.append(path)
                 labels.append(label)
+    if skip_corrupt and files:
+        bad = undecodable(files)
+        skipped.extend(bad)
+        kept = [i for i, path in enumerate(files) if path not in bad]
+        files, labels = [files[i] for i in kept], [labels[i] for i in kept]
     if not files:
         raise DataError(f"{flag}: {split_dir} holds no images (expected "
                         f"{split_dir}/<class>/<image>)")
+    empty = [classes[c] for c in sorted(set(range(len(classes))) - set(labels))]
+    if every_class and empty:
+        raise DataError(f"{flag}: the class folder {os.path.join(split_dir, empty[0])} holds no "
+                        f"images{' (after --skip_corrupt_images)' if skip_corrupt else ''}; "
+                        "every class needs training images: add some or remove the folder")
     order = np.random.RandomState(0).permutation(len(files))  # classes mixed, fixed
     return np.array(files)[order], np.array(labels, np.int32)[order]
+
+
+def _decoded_shape(path: tf.Tensor) -> tf.Tensor:
+    return tf.shape(tf.io.decode_image(tf.io.read_file(path), channels=3,
+                                       expand_animations=False))
+
+
+def undecodable(paths) -> dict:
+    """{path: TensorFlow's reason} of the files among `paths` that tf.io.decode_image cannot
+    decode (a damaged body behind an intact header and trailer): all decoded once, in
+    parallel; the failures decoded again one by one for their reason."""
+    paths = [os.fspath(p) for p in paths]
+    ds = tf.data.Dataset.from_tensor_slices(paths).enumerate().map(
+        lambda i, path: (i, _decoded_shape(path)), num_parallel_calls=AUTOTUNE).ignore_errors()
+    good = {int(i) for i, _ in ds.as_numpy_iterator()}
+    bad = {}
+    for i in sorted(set(range(len(paths))) - good):
+        try:
+            _decoded_shape(tf.constant(paths[i]))
+            continue  # decodes alone: not the file's fault
+        except tf.errors.OpError as err:  # "{{function_node ...}} Invalid PNG data, size 4908
+            reason = re.sub(r"^\{\{.*?\}\}\s*|\s*\[Op:.*$", "", err.message.strip())
+            bad[paths[i]] = reason.splitlines()[0]  # [Op:DecodeImage] name:": the middle
+    return bad
+
+
+def folder_files(cfg: DataConfig) -> list:
+    """Every image file of a folder dataset that `_folder` reads (its splits' class folders)."""
+    root = os.path.expanduser(cfg.dataset[len("folder:"):])
+    out = []
+    for split in ("train", "val", "test"):
+        split_dir = os.path.join(root, split)
+        for name in _class_dirs(split_dir) if os.path.isdir(split_dir) else ():
+            class_dir = os.path.join(split_dir, name)
+            out += [os.path.join(class_dir, f) for f in sorted(os.listdir(class_dir))
+                    if not f.startswith(".") and os.path.isfile(os.path.join(class_dir, f))]
+    return out
+
+
+@contextlib.contextmanager
+def naming_undecodable(cfg: DataConfig):
+    """A folder dataset's image that fails to decode when the pipeline reaches it (TensorFlow
+    says so without naming the file) becomes a DataError naming it: the folder's files are
+    decoded to find which (`undecodable`)."""
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as err:
+        if not cfg.dataset.startswith("folder:"):
+            raise
+        bad = undecodable(p for p in folder_files(cfg) if not image_problem(p))
+        if not bad:
+            raise
+        path, reason = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"--dataset={cfg.dataset}: {path} does not decode ({reason}){more}; "
+                        "remove it or pass --skip_corrupt_images") from None
 
 
 def image_problem(path: str) -> Optional[str]:
