@@ -40,8 +40,9 @@ def open_atomic(path: str, mode: str = "w") -> Iterator:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str) -> Iterator[str]:
-    """`with atomic_dir(p) as tmp: <write into tmp>`: tmp replaces p when the block succeeds."""
+def atomic_dir(path: str, keep_old_as: str | None = None) -> Iterator[str]:
+    """`with atomic_dir(p) as tmp: <write into tmp>`: tmp replaces p when the block succeeds;
+    the version it replaces is deleted, or with `keep_old_as` becomes that directory."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
@@ -54,7 +55,11 @@ def atomic_dir(path: str) -> Iterator[str]:
             os.rmdir(old)
             os.replace(path, old)
         os.replace(tmp, path)
-        if old:
+        if old and keep_old_as:
+            if os.path.exists(keep_old_as):
+                shutil.rmtree(keep_old_as)
+            os.replace(old, keep_old_as)
+        elif old:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -3,9 +3,10 @@
 Layout under `<run_dir>/checkpoints/`, every directory written atomically (`ke_tf.atomic`):
 
 - `last/`: where training stands. Written at the end of every epoch, once more when a
-  generation has been evaluated and when the run ends (the `Checkpoints` hook). `state.json`
-  (the run's `ke_tf.state.RunState`: generation, epochs done, whether evaluated, the rows of
-  results.csv and hypotheses.csv so far, the last training metrics, seconds spent),
+  generation has been evaluated and when the run ends (the `Checkpoints` hook); the one it
+  replaces becomes `previous/`. `state.json` (the run's `ke_tf.state.RunState`: generation,
+  epochs done, whether evaluated, the rows of results.csv and hypotheses.csv so far, the last
+  training metrics, seconds spent; and the run's flags, config.json's content),
   `network.npz` (every variable of the trained network by path: weights, BatchNorm statistics),
   `optimizer.npz` (momentum buffers, iteration count, learning rate), `masks.npz` (the masks in
   use: WELS masks are random, so they are restored, never re-drawn) and `held.npz` (DSD's 0/1
@@ -16,6 +17,10 @@ Layout under `<run_dir>/checkpoints/`, every directory written atomically (`ke_t
   bounds how many are kept (the most recent, and always the generations the run ships:
   `--select_by`).
 
+Every checkpoint directory holds `manifest.json`: the size and SHA-256 of each of its files.
+`load` verifies it and refuses a damaged checkpoint by name (`DamagedCheckpoint`, exit 2); a
+resume whose `last/` is damaged goes on from `previous/` (`resumable`).
+
 Files only ever hold arrays (`np.load(allow_pickle=False)`) and JSON: loading a checkpoint never
 executes code. Generations still hand weights over in memory; these files are for resuming and
 exporting.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import re
@@ -39,7 +45,13 @@ from ke_tf.hooks import Hook
 DIR = "checkpoints"
 NETWORK_JSON = "network.json"  # the architecture of a network given from Python (arch "custom")
 LAST = "last"
+PREVIOUS = "previous"  # the `last` before the newest: what a damaged `last` is resumed from
 STATE = "state.json"
+MANIFEST = "manifest.json"  # {"files": {name: {"bytes": n, "sha256": hex}}} of the directory
+
+
+class DamagedCheckpoint(ConfigError):
+    """A checkpoint whose files do not match its manifest (truncated, overwritten, missing)."""
 
 
 def generation_dir(run_dir: str, generation: int) -> str:
@@ -48,6 +60,10 @@ def generation_dir(run_dir: str, generation: int) -> str:
 
 def last_dir(run_dir: str) -> str:
     return os.path.join(run_dir, DIR, LAST)
+
+
+def previous_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, DIR, PREVIOUS)
 
 
 def variables_of(variables) -> Dict[str, np.ndarray]:
@@ -107,15 +123,22 @@ def assign(variables, values: Dict[str, np.ndarray], what: str) -> Dict[str, str
     return renamed
 
 
-def save(path: str, state: dict, arrays: Dict[str, Dict[str, np.ndarray]]) -> None:
+def save(path: str, state: dict, arrays: Dict[str, Dict[str, np.ndarray]],
+         keep_old_as: Optional[str] = None) -> None:
     """Write `state` (JSON) and each group of `arrays` (`<group>.npz`) as one directory, whole
-    or not at all. A full disk raises ConfigError (exit 2) and leaves the previous one intact."""
+    or not at all, with its manifest; the directory it replaces is deleted, or becomes
+    `keep_old_as`. A full disk raises ConfigError (exit 2) and leaves the previous one intact."""
     try:
-        with atomic.atomic_dir(path) as tmp:
+        with atomic.atomic_dir(path, keep_old_as) as tmp:
             for group, values in arrays.items():
                 np.savez(os.path.join(tmp, f"{group}.npz"), **values)
             with open(os.path.join(tmp, STATE), "w") as f:
                 json.dump(state, f, indent=1, sort_keys=True)
+            files = {name: {"bytes": os.path.getsize(os.path.join(tmp, name)),
+                            "sha256": _sha256(os.path.join(tmp, name))}
+                     for name in sorted(os.listdir(tmp))}
+            with open(os.path.join(tmp, MANIFEST), "w") as f:
+                json.dump({"files": files}, f, indent=1, sort_keys=True)
             faults.point("checkpoint")
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -125,12 +148,45 @@ def save(path: str, state: dict, arrays: Dict[str, Dict[str, np.ndarray]]) -> No
         raise
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def problem(path: str) -> Optional[str]:
+    """Why the checkpoint directory `path` cannot be trusted, or None if every file its
+    manifest lists is there with its size and checksum."""
+    if not os.path.isdir(path):
+        return "it does not exist"
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            files = json.load(f)["files"]
+        expected = {name: (int(v["bytes"]), str(v["sha256"])) for name, v in files.items()}
+    except FileNotFoundError:
+        return f"it has no {MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"its {MANIFEST} is unreadable"
+    for name, (size, digest) in sorted(expected.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != size:
+            return f"{name} has {os.path.getsize(file)} bytes, its manifest says {size}"
+        if _sha256(file) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
 def load(path: str) -> Tuple[dict, Dict[str, Dict[str, np.ndarray]]]:
-    """(state, {group: {key: array}}) of a checkpoint directory written by `save`."""
-    state_path = os.path.join(path, STATE)
-    if not os.path.isfile(state_path):
-        raise ConfigError(f"{path} holds no checkpoint (no {STATE})")
-    with open(state_path) as f:
+    """(state, {group: {key: array}}) of a checkpoint directory written by `save`, verified
+    against its manifest (DamagedCheckpoint otherwise)."""
+    why = problem(path)
+    if why:
+        raise DamagedCheckpoint(f"the checkpoint {path} is damaged: {why}")
+    with open(os.path.join(path, STATE)) as f:
         state = json.load(f)
     arrays = {}
     for name in sorted(os.listdir(path)):
@@ -138,6 +194,33 @@ def load(path: str) -> Tuple[dict, Dict[str, Dict[str, np.ndarray]]]:
             with np.load(os.path.join(path, name), allow_pickle=False) as npz:
                 arrays[name[:-len(".npz")]] = {k: npz[k] for k in npz.files}
     return state, arrays
+
+
+def resumable(run_dir: str) -> Tuple[Optional[str], str]:
+    """(the checkpoint to resume `run_dir`'s run from, what to tell the user): `last` if it is
+    intact; if it is damaged and `previous` is intact, `previous`, moved to `last` (the work
+    after it is done again); (None, "") if the run has no checkpoint. DamagedCheckpoint if none
+    is intact."""
+    last, previous = last_dir(run_dir), previous_dir(run_dir)
+    if not os.path.isdir(last) and not os.path.isdir(previous):
+        return None, ""
+    why = problem(last)
+    if why is None:
+        return last, ""
+    why_previous = problem(previous)
+    if why_previous is not None:
+        raise DamagedCheckpoint(
+            f"--run_dir {run_dir}: the checkpoint {last} is damaged ({why}) and no intact one "
+            f"precedes it ({previous}: {why_previous}); pass --overwrite to start the run again")
+    with open(os.path.join(previous, STATE)) as f:
+        state = json.load(f)
+    shutil.rmtree(last, ignore_errors=True)
+    os.replace(previous, last)
+    where = (f"generation {state['generation']} after epoch {state['epoch']}"
+             + (", evaluated" if state.get("evaluated") else ""))
+    return last, (f"{last} was damaged ({why}): going on from the checkpoint before it "
+                  f"({where}); the work after it (at most one epoch and an evaluation) is done "
+                  "again")
 
 
 def clean(run_dir: str) -> None:
@@ -177,10 +260,10 @@ def prune(run_dir: str, keep: Optional[int], protected=()) -> None:
 def shipped_generation(run_dir: str, net: str) -> Optional[int]:
     """The generation that `run_dir`'s run ships of network `net` ("dense", "slim") as far as
     it got (`RunState.selected` in `checkpoints/last`); None if it records none."""
-    path = os.path.join(last_dir(run_dir), STATE)
-    if not os.path.isfile(path):
+    path = last_dir(run_dir)
+    if problem(path) is not None:
         return None
-    with open(path) as f:
+    with open(os.path.join(path, STATE)) as f:
         return json.load(f).get("selected", {}).get(net)
 
 
@@ -273,4 +356,5 @@ class Checkpoints(Hook):
         self._last(run, state)
 
     def _last(self, run, state) -> None:
-        save(last_dir(self.run_dir), dict(state.to_json(), **run.info), run.arrays())
+        save(last_dir(self.run_dir), dict(state.to_json(), **run.info, flags=run.config.to_flags()),
+             run.arrays(), keep_old_as=previous_dir(self.run_dir))

@@ -34,6 +34,7 @@ from ke_tf.config import RunConfig
 from ke_tf.hooks import Evaluation, Hook, Hooks
 from ke_tf.state import RunState
 
+SKIPPED_SHOWN = 20  # files --skip_corrupt_images left out, listed on the console (the rest counted)
 
 class _EpochEnd(keras.callbacks.Callback):
     """After every epoch of `fit`: stop on non-finite numbers (`check_finite`), else advance
@@ -87,8 +88,11 @@ class GenerationRunner:
         info = self.data.info
         selection.check_validation(config, info.has_val, config.data.dataset)
         if info.skipped_files and verbose:
+            shown = info.skipped_files[:SKIPPED_SHOWN]
+            more = len(info.skipped_files) - len(shown)
             print(f"--skip_corrupt_images: left out {len(info.skipped_files)} corrupt or "
-                  f"non-image files, e.g. {info.skipped_files[0]}")
+                  "non-image files:\n  " + "\n  ".join(shown)
+                  + (f"\n  ... and {more} more" if more else ""))
         self.generations, self.epochs = self.method.schedule()
         if config.deterministic:  # bit-identical reruns and resumes (TensorFlow op determinism)
             tf.config.experimental.enable_op_determinism()
@@ -135,6 +139,8 @@ class GenerationRunner:
         (same generation, last completed epoch, masks, optimizer and schedule position)."""
         state, resumed = rundir.start(self)
         self.state = state
+        if resumed and self.chief:
+            rundir.repair(self, state)
         if state.finished:
             if self.verbose:
                 print(f"{self.config.run_dir} holds a finished run; --overwrite starts it again")

@@ -23,6 +23,7 @@ the caller re-draws it with another seed.
 """
 from __future__ import annotations
 
+import io
 import math
 import zipfile
 import zlib
@@ -199,17 +200,22 @@ def _wels(model, split_rate, seed) -> Masks:
 
 
 def save(path: str, masks: Masks) -> None:
-    """Write masks to an .npz file atomically (a crash never leaves a half-written file).
-    The bytes depend on the masks alone (sorted keys, fixed zip timestamps), so equal masks
-    give files with equal hashes."""
+    """Write masks to an .npz file atomically (a crash never leaves a half-written file)."""
     with atomic.open_atomic(path, "wb") as f:
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as npz:
-            for key in sorted(masks):
-                info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                info.compress_type = zipfile.ZIP_DEFLATED
-                with npz.open(info, "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asarray(masks[key]),
-                                              allow_pickle=False)
+        f.write(encode(masks))
+
+
+def encode(masks: Masks) -> bytes:
+    """The .npz bytes of `masks`: a function of the masks alone (sorted keys, fixed zip
+    timestamps), so equal masks give equal files."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as npz:
+        for key in sorted(masks):
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with npz.open(info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(masks[key]), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def load(path: str) -> Masks:

@@ -66,14 +66,18 @@ def cell(column: str, value):
     return f"{value:.6g}" if column.endswith("_abs") else f"{value:.4f}"
 
 
-def write_csv(path: str, rows: List[Dict], columns: Sequence[str]) -> None:
+def csv_text(rows: List[Dict], columns: Sequence[str]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: cell(k, v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def write_csv(path: str, rows: List[Dict], columns: Sequence[str]) -> None:
     with atomic.open_atomic(path) as f:
-        f.write(buf.getvalue())
+        f.write(csv_text(rows, columns))
 
 
 class Tables(Hook):

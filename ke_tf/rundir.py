@@ -42,9 +42,19 @@ def refuse_other_run(config: RunConfig) -> None:
         try:
             with open(config_path) as f:
                 saved = json.load(f)
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
         except (OSError, ValueError) as err:
-            raise ConfigError(f"--run_dir {run_dir}: {config_path} is unreadable "
-                              f"({err}); pass --overwrite to replace the run") from err
+            saved = _flags_of_checkpoint(run_dir)
+            if saved is None:
+                raise ConfigError(f"--run_dir {run_dir}: {config_path} is unreadable ({err}) and "
+                                  "no intact checkpoint holds the run's flags; pass --overwrite "
+                                  "to replace the run") from err
+            if not config_lib.differences(saved, config.to_flags(), defaults=rules.defaults()):
+                with atomic.open_atomic(config_path) as f:
+                    json.dump(saved, f, indent=2, sort_keys=True)
+                print(f"{config_path} was unreadable ({err}): rewritten from "
+                      f"{checkpoint.last_dir(run_dir)}")
         diff = config_lib.differences(saved, config.to_flags(), defaults=rules.defaults())
         if diff:
             raise ConfigError(f"--run_dir {run_dir} holds a run with other flags: "
@@ -59,15 +69,32 @@ def refuse_other_run(config: RunConfig) -> None:
                           f"Received: run_dir={run_dir!r}")
 
 
+def _flags_of_checkpoint(run_dir: str):
+    """The run's flags as its intact `checkpoints/last` (or `previous`) records them, or None."""
+    for path in (checkpoint.last_dir(run_dir), checkpoint.previous_dir(run_dir)):
+        if checkpoint.problem(path) is None:
+            with open(os.path.join(path, checkpoint.STATE)) as f:
+                flags = json.load(f).get("flags")
+            if flags is not None:
+                return flags
+    return None
+
+
 def start(run) -> Tuple[RunState, bool]:
     """(state, resumed) of the GenerationRunner `run`: a fresh run directory and state, or the
     run to resume in it (its arrays put back into `run`)."""
     cfg, run_dir = run.config, run.config.run_dir
-    last = checkpoint.last_dir(run_dir)
+    last = None
     if run.chief:
         checkpoint.clean(run_dir)
+        if not cfg.overwrite:  # same flags: `refuse_other_run`; a damaged last: its previous
+            last, note = checkpoint.resumable(run_dir)
+            if note and run.verbose:
+                print(note)
     distribution.barrier(run.strategy)  # the chief's clean-up is done before anyone reads
-    if not cfg.overwrite and os.path.isdir(last):  # same flags: `refuse_other_run`
+    if not run.chief and not cfg.overwrite and os.path.isdir(checkpoint.last_dir(run_dir)):
+        last = checkpoint.last_dir(run_dir)
+    if last is not None:
         saved, arrays = checkpoint.load(last)
         state = RunState.from_json(saved)
         restore(run, state, arrays)
@@ -88,6 +115,32 @@ def start(run) -> Tuple[RunState, bool]:
         with atomic.open_atomic(os.path.join(run_dir, checkpoint.NETWORK_JSON)) as f:
             f.write(run.network.to_json())
     return RunState(), False
+
+
+def repair(run, state: RunState) -> List[str]:
+    """The chief, on resume: the outputs `checkpoints/last` defines (results.csv and
+    hypotheses.csv from its state, masks.npz from its masks) rewritten where the files differ
+    from it (rows lost, a file damaged); returns their names, and says so."""
+    run_dir, fixed = run.config.run_dir, []
+    expected = {"masks.npz": masks_lib.encode(run.masks)}
+    if state.rows:
+        expected[results.RESULTS] = results.csv_text(run.rows(), run.columns).encode()
+        expected[results.HYPOTHESES] = results.csv_text(
+            state.hypotheses, results.HYPOTHESES_COLUMNS).encode()
+    for name, content in expected.items():
+        path = os.path.join(run_dir, name)
+        try:
+            with open(path, "rb") as f:
+                if f.read() == content:
+                    continue
+        except OSError:
+            pass
+        with atomic.open_atomic(path, "wb") as f:
+            f.write(content)
+        fixed.append(name)
+    if fixed and run.verbose:
+        print(f"{', '.join(fixed)} did not match {checkpoint.last_dir(run_dir)}: rewritten from it")
+    return fixed
 
 
 def hooks(run, resumed: bool) -> List[Hook]:

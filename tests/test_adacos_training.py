@@ -240,8 +240,7 @@ def test_resume_restores_the_scale(tmp_path):
     state, arrays = checkpoint.load(last)
     state["finished"], state["evaluated"], state["generation"] = False, False, 2
     state["epoch"], state["rows"] = 1, state["rows"][:3]  # as if stopped after epoch 1 of g 2
-    with open(os.path.join(last, "state.json"), "w") as f:
-        json.dump(state, f)
+    checkpoint.save(last, state, arrays)
     saved = float(arrays["loss"]["adacos_scale"])
     assert saved != pytest.approx(losses.adacos_initial_scale(10))
     hook = ScaleLog()

@@ -272,11 +272,10 @@ def test_resume_in_the_same_python_process(tmp_path):
                                train=dict(epochs=2), export=False)
     first = GenerationRunner(cfg, verbose=False)
     first.run()
-    state, _ = checkpoint.load(checkpoint.last_dir(str(tmp_path)))
+    state, arrays = checkpoint.load(checkpoint.last_dir(str(tmp_path)))
     state["finished"], state["evaluated"], state["generation"] = False, False, 2
     state["epoch"], state["rows"] = 1, state["rows"][:3]  # as if stopped after epoch 1 of g 2
-    with open(os.path.join(checkpoint.last_dir(str(tmp_path)), "state.json"), "w") as f:
-        json.dump(state, f)
+    checkpoint.save(checkpoint.last_dir(str(tmp_path)), state, arrays)
     second = GenerationRunner(cfg, verbose=False)
     rows = second.run()
     assert [(r["generation"], r["net"]) for r in rows] == [
