@@ -5,6 +5,7 @@ checkpoint a diverged run leaves is a good one.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict
 
 import keras
@@ -19,8 +20,10 @@ def check_finite(run_dir: str, generation: int, epoch: int, logs: Dict[str, floa
     """RunError (exit 1) if the epoch's loss or metrics, or the weights, are NaN or infinite:
     the run stops before checkpointing them, and the last good checkpoint stays."""
     where = f"generation {generation}, epoch {epoch}"
-    kept = (f"; the run stopped. The last good checkpoint (the epoch before) is kept in "
-            f"{checkpoint.last_dir(run_dir)}. Lower --lr or check the data, and start again "
+    last = checkpoint.last_dir(run_dir)
+    kept = (f"the last good checkpoint (the epoch before) is kept in {last}"
+            if os.path.isdir(last) else "no checkpoint was written before it")
+    kept = (f"; the run stopped, and {kept}. Lower --lr or check the data, and start again "
             "with --overwrite")
     bad = ", ".join(f"{k}={v}" for k, v in logs.items() if not np.isfinite(v))
     if bad:

@@ -50,7 +50,7 @@ class RunState:
             row["seconds"] = seconds
         self.rows += rows
         self.hypotheses += [
-            {"generation": self.generation, "variable": k, "fit_mean_abs": float(f.mean()),
+            {"generation": self.generation, "variable": k, "fit_mean_abs": float(f.mean()) if f.size else "",
              "reset_mean_abs": float(r.mean()) if r.size else ""}
             for k, (f, r) in hypotheses.items()]
         self.evaluated = True

@@ -44,6 +44,13 @@ def test_llf_resets_every_kernel_from_layer4_on(tmp_path):
             np.testing.assert_array_equal(after[path], value, err_msg=path)
     assert not r.masks["fc/kernel"].any() and r.masks["fc/bias"].all()
     assert r.masks["layer3_1_conv2/kernel"].all()
+    # hypotheses.csv: a kernel reset whole has no fit hypothesis (an empty cell, not nan)
+    state = RunState()
+    state.record([], masks.hypothesis_magnitudes(r.network, r.masks))
+    by_path = {h["variable"]: h for h in state.hypotheses}
+    assert by_path["fc/kernel"]["fit_mean_abs"] == "" and by_path["fc/kernel"]["reset_mean_abs"] > 0
+    assert by_path["layer3_1_conv2/kernel"]["reset_mean_abs"] == ""
+    assert all(h["fit_mean_abs"] == "" or np.isfinite(h["fit_mean_abs"]) for h in state.hypotheses)
 
 
 def test_llf_with_an_unknown_block_names_the_flag(tmp_path):
