@@ -14,7 +14,7 @@ import pytest
 import conftest
 from ke_tf import checkpoint, faults
 
-FLAGS = ["--image_size=16", "--width_multiplier=0.0625", "--generations=2", "--epochs=3",
+FLAGS = ["--image_size=16", "--width_multiplier=0.0625", "--generations=1", "--epochs=3",
          "--batch_size=20", "--digits_per_class=4", "--deterministic", "--noexport"]
 
 
@@ -33,31 +33,47 @@ def main(args, capsys, fault=None, monkeypatch=None):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """"reference": a run never interrupted; "interrupted": the same run stopped by a full disk
-    while writing its third checkpoint (so `last` is generation 1 after epoch 2, `previous`
-    after epoch 1)."""
-    capsys = _Capture()
+    while writing its third checkpoint (exit 2, the message below): `last` holds epoch 2,
+    `previous` epoch 1, and nothing half-written is left."""
+    import contextlib
+    import io
+
     monkeypatch = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("damage")
     dirs = {name: str(root / name) for name in ("reference", "interrupted")}
+    stderr = io.StringIO()
     try:
-        assert main(FLAGS + ["--quiet", f"--run_dir={dirs['reference']}"], capsys,
+        assert main(FLAGS + ["--quiet", f"--run_dir={dirs['reference']}"], _Capture(stderr),
                     monkeypatch=monkeypatch)[0] == 0
-        code, _, _ = main(FLAGS + ["--quiet", f"--run_dir={dirs['interrupted']}"], capsys,
-                          "enospc:checkpoint:3", monkeypatch)
-        assert code == 2
-        for path, epoch in ((checkpoint.last_dir, 2), (checkpoint.previous_dir, 1)):
-            state, _ = checkpoint.load(path(dirs["interrupted"]))
-            assert (state["generation"], state["epoch"]) == (1, epoch)
+        with contextlib.redirect_stderr(stderr):
+            code, _, err = main(FLAGS + ["--quiet", f"--run_dir={dirs['interrupted']}"],
+                                _Capture(stderr), "enospc:checkpoint:3", monkeypatch)
     finally:
         monkeypatch.undo()
+    assert code == 2 and err.startswith("error: no space left on the device while writing the "
+                                        "checkpoint ") and err.rstrip().endswith(
+        "the previous checkpoint is intact: free some space and run the same command again to "
+        "resume")
+    for path, epoch in ((checkpoint.last_dir, 2), (checkpoint.previous_dir, 1)):
+        state, _ = checkpoint.load(path(dirs["interrupted"]))
+        assert (state["generation"], state["epoch"]) == (1, epoch)
+    assert not [n for _, ds, fs in os.walk(dirs["interrupted"]) for n in ds + fs
+                if n.startswith((".tmp-", ".old-"))]
     return dirs
 
 
-class _Capture:  # capsys for a module fixture: the in-process CLI's output, read and dropped
+class _Capture:
+    """capsys for a module fixture: what the in-process command wrote to `stderr`."""
+
+    def __init__(self, stderr):
+        self.stderr = stderr
+
     def readouterr(self):
         import collections
 
-        return collections.namedtuple("Out", "out err")("", "")
+        err, _ = self.stderr.getvalue(), self.stderr.truncate(0)
+        self.stderr.seek(0)
+        return collections.namedtuple("Out", "out err")("", err)
 
 
 def rows(run_dir, name="results.csv"):
@@ -114,6 +130,8 @@ def snapshot(run_dir):
 # Run-directory damage: (start from, damage, exit status, the line the user reads (a fragment),
 # what the run directory holds afterwards: "reference" = `like_reference`, "unchanged").
 RUN_DIR_CASES = {
+    "full_disk_then_space_freed": (  # the interrupted run as the full disk left it
+        "interrupted", lambda d: None, 0, "results: ", "reference"),
     "last_checkpoint_truncated": (
         "interrupted", lambda d: cut(last(d, "network.npz")), 0,
         "checkpoints/last was damaged (network.npz has ", "reference"),
@@ -170,12 +188,15 @@ def test_damaged_generation_checkpoint_is_refused_by_the_export_command(runs, tm
 
     run_dir = str(tmp_path / "run")
     shutil.copytree(runs["reference"], run_dir)
-    cut(os.path.join(checkpoint.generation_dir(run_dir, 1), "dense.npz"))
+    damaged = os.path.join(checkpoint.generation_dir(run_dir, 1), "dense.npz")
+    cut(damaged)
     code, _, err = conftest.cli_in_process(export.run, [run_dir, "--generation=1"], capsys)
     assert code == 2 and err.startswith("error: the checkpoint ") and "Traceback" not in err
     assert "generation_001 is damaged: dense.npz has " in err
     assert not os.path.exists(os.path.join(run_dir, "export"))
-    code, _, err = conftest.cli_in_process(export.run, [run_dir], capsys)  # generation 2: intact
+    shutil.copy(os.path.join(checkpoint.generation_dir(runs["reference"], 1), "dense.npz"),
+                damaged)  # the file restored: the same command exports
+    code, _, err = conftest.cli_in_process(export.run, [run_dir, "--generation=1"], capsys)
     assert code == 0, err
 
 

@@ -230,18 +230,6 @@ def test_nan_loss_stops_with_status_1_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 @pytest.mark.slow
-def test_full_disk_while_checkpointing_exits_2_and_keeps_the_previous_checkpoint(tmp_path):
-    run_dir = str(tmp_path / "run")
-    proc = ke_main(run_dir, KELS, "enospc:checkpoint:2")  # the second epoch's checkpoint
-    assert proc.returncode == 2, proc.stderr
-    assert "no space left on the device while writing the checkpoint" in proc.stderr
-    state, _ = checkpoint.load(checkpoint.last_dir(run_dir))
-    assert (state["generation"], state["epoch"]) == (1, 1)
-    assert leftovers(run_dir) == []
-    assert ke_main(run_dir, KELS).returncode == 0  # space freed: the same command resumes
-
-
-@pytest.mark.slow
 def test_keep_generations_and_load_networks(tmp_path):
     from ke_tf.generations import GenerationRunner
 
