@@ -195,12 +195,13 @@ def application_family(name):
     return next(f for f in APPLICATION_FAMILIES if re.match(f, name))
 
 
-def assert_slim_equals_dense_without_reset(model, m):
-    """KELS's slim network of `model` computes what `model` computes with its reset hypothesis
-    zeroed (zeroed in place), up to a relative 1e-5, and has under 60% of its parameters."""
+def assert_slim_equals_dense_without_reset(model, m, small=None):
+    """KELS's slim network of `model` (`small`, or extracted here) computes what `model`
+    computes with its reset hypothesis zeroed (zeroed in place), up to a relative 1e-5, and has
+    under 60% of its parameters."""
     from ke_tf import slim
 
-    small = slim.extract(model, m)
+    small = small or slim.extract(model, m)
     assert small.count_params() < 0.6 * model.count_params()
     for v in model.weights:
         if v.path in m:

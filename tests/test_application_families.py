@@ -36,7 +36,11 @@ def test_every_family_evolves_slims_exactly_and_exports(name, tmp_path):
     assert all(np.isfinite(r["train_loss"]) for r in result.rows)
     path = export.save_saved_model(result.slim, str(tmp_path / "slim"))
     served = tf.saved_model.load(path).signatures["serving_default"]
-    want = result.slim(x[:2], training=False).numpy()  # traced and eager kernels round apart,
-    np.testing.assert_allclose(served(images=x[:2])["logits"].numpy(), want,  # amplified by
-                               atol=1e-3 * np.abs(want).max())  # 4-image BatchNorm statistics
-    conftest.assert_slim_equals_dense_without_reset(result.dense, result.runner.masks)
+    # Traced (oneDNN-fused) and eager kernels round apart, amplified by BatchNorm statistics of
+    # 4 images: up to 0.3% of the largest logit seen; a wrong weight moves them by O(1).
+    want = result.slim(x[:2], training=False).numpy()
+    np.testing.assert_allclose(served(images=x[:2])["logits"].numpy(), want,
+                               atol=1e-2 * np.abs(want).max())
+    # the run's own H_g (fit weights and BatchNorm statistics copied, not re-estimated)
+    conftest.assert_slim_equals_dense_without_reset(result.dense, result.runner.masks,
+                                                    result.runner.nets["slim"])
