@@ -19,7 +19,7 @@ Layout under `<run_dir>/checkpoints/`, every directory written atomically (`ke_t
 
 Every checkpoint directory holds `manifest.json`: the size and SHA-256 of each of its files.
 `load` verifies it and refuses a damaged checkpoint by name (`DamagedCheckpoint`, exit 2); a
-resume whose `last/` is damaged goes on from `previous/` (`resumable`).
+resume whose `last/` is damaged goes on from `previous/` (`resume_point`).
 
 Files only ever hold arrays (`np.load(allow_pickle=False)`) and JSON: loading a checkpoint never
 executes code. Generations still hand weights over in memory; these files are for resuming and
@@ -196,31 +196,32 @@ def load(path: str) -> Tuple[dict, Dict[str, Dict[str, np.ndarray]]]:
     return state, arrays
 
 
-def resumable(run_dir: str) -> Tuple[Optional[str], str]:
-    """(the checkpoint to resume `run_dir`'s run from, what to tell the user): `last` if it is
-    intact; if it is damaged and `previous` is intact, `previous`, moved to `last` (the work
-    after it is done again); (None, "") if the run has no checkpoint. DamagedCheckpoint if none
-    is intact."""
+def resume_point(run_dir: str):
+    """What `run_dir`'s run resumes from, loaded and verified once: (state, arrays, what to tell
+    the user) of `last`, or, if `last` is damaged and `previous` intact, of `previous`, moved to
+    `last` (the work after it is done again); None if the run has no checkpoint.
+    DamagedCheckpoint if none is intact."""
     last, previous = last_dir(run_dir), previous_dir(run_dir)
     if not os.path.isdir(last) and not os.path.isdir(previous):
-        return None, ""
-    why = problem(last)
-    if why is None:
-        return last, ""
-    why_previous = problem(previous)
-    if why_previous is not None:
+        return None
+    try:
+        return (*load(last), "")
+    except DamagedCheckpoint:
+        why = problem(last)
+    try:
+        state, arrays = load(previous)
+    except DamagedCheckpoint:
         raise DamagedCheckpoint(
             f"--run_dir {run_dir}: the checkpoint {last} is damaged ({why}) and no intact one "
-            f"precedes it ({previous}: {why_previous}); pass --overwrite to start the run again")
-    with open(os.path.join(previous, STATE)) as f:
-        state = json.load(f)
+            f"precedes it ({previous}: {problem(previous)}); pass --overwrite to start the run "
+            "again") from None
     shutil.rmtree(last, ignore_errors=True)
     os.replace(previous, last)
     where = (f"generation {state['generation']} after epoch {state['epoch']}"
              + (", evaluated" if state.get("evaluated") else ""))
-    return last, (f"{last} was damaged ({why}): going on from the checkpoint before it "
-                  f"({where}); the work after it (at most one epoch and an evaluation) is done "
-                  "again")
+    return state, arrays, (f"{last} was damaged ({why}): going on from the checkpoint before it "
+                           f"({where}); the work after it (at most one epoch and an evaluation) "
+                           "is done again")
 
 
 def clean(run_dir: str) -> None:

@@ -84,18 +84,18 @@ def start(run) -> Tuple[RunState, bool]:
     """(state, resumed) of the GenerationRunner `run`: a fresh run directory and state, or the
     run to resume in it (its arrays put back into `run`)."""
     cfg, run_dir = run.config, run.config.run_dir
-    last = None
+    point = None
     if run.chief:
         checkpoint.clean(run_dir)
         if not cfg.overwrite:  # same flags: `refuse_other_run`; a damaged last: its previous
-            last, note = checkpoint.resumable(run_dir)
-            if note and run.verbose:
-                print(note)
+            point = checkpoint.resume_point(run_dir)
+            if point and point[2] and run.verbose:
+                print(point[2])
     distribution.barrier(run.strategy)  # the chief's clean-up is done before anyone reads
     if not run.chief and not cfg.overwrite and os.path.isdir(checkpoint.last_dir(run_dir)):
-        last = checkpoint.last_dir(run_dir)
-    if last is not None:
-        saved, arrays = checkpoint.load(last)
+        point = (*checkpoint.load(checkpoint.last_dir(run_dir)), "")
+    if point is not None:
+        saved, arrays, _ = point
         state = RunState.from_json(saved)
         restore(run, state, arrays)
         return state, True
@@ -129,18 +129,22 @@ def repair(run, state: RunState) -> List[str]:
             state.hypotheses, results.HYPOTHESES_COLUMNS).encode()
     for name, content in expected.items():
         path = os.path.join(run_dir, name)
-        try:
-            with open(path, "rb") as f:
-                if f.read() == content:
-                    continue
-        except OSError:
-            pass
-        with atomic.open_atomic(path, "wb") as f:
-            f.write(content)
-        fixed.append(name)
+        if _bytes_of(path) != content:  # damaged, short or missing
+            with atomic.open_atomic(path, "wb") as f:
+                f.write(content)
+            fixed.append(name)
     if fixed and run.verbose:
         print(f"{', '.join(fixed)} did not match {checkpoint.last_dir(run_dir)}: rewritten from it")
     return fixed
+
+
+def _bytes_of(path: str):
+    """The content of the file `path`, or None if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def hooks(run, resumed: bool) -> List[Hook]:
