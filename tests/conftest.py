@@ -16,10 +16,12 @@ import pytest  # noqa: E402
 # The test files that take longest (`--durations=0` summed per file, 2 cores), started first and
 # in this order, so that pytest-xdist's workers end together instead of one finishing a long file
 # alone (pytest.ini: --no-loadscope-reorder keeps the order given here).
-LONGEST_FIRST = ("test_resume.py", "test_multi_worker.py", "test_application_families.py",
-                 "test_applications.py", "test_adacos_training.py", "test_damage.py",
-                 "test_generations.py", "test_bans.py", "test_main.py", "test_export.py",
-                 "test_benchmark.py", "test_evolution.py", "test_readme.py", "test_distribute.py")
+LONGEST_FIRST = ("test_resume.py", "test_application_families.py", "test_multi_worker.py",
+                 "test_main.py", "test_generations.py", "test_applications.py",
+                 "test_selection.py", "test_adacos_training.py", "test_bans.py", "test_damage.py",
+                 "test_benchmark.py", "test_methods.py", "test_evolution.py",
+                 "test_distribute.py", "test_export.py", "test_onednn_crash.py",
+                 "test_networks.py", "test_readme.py", "test_data.py", "test_slim.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -210,15 +210,14 @@ def test_an_explicit_invalid_batch_still_names_the_flag():
 @pytest.mark.slow
 @pytest.mark.parametrize("peer", [["--method=repr"], ["--method=dsd_only"], ["--method=bans"],
                                   ["--loss=adacos"]], ids=lambda p: p[0])
-def test_the_papers_peers_run_from_the_cli_on_a_folder_dataset(tmp_path, peer):
-    import conftest
-
+def test_the_papers_peers_run_from_the_cli_on_a_folder_dataset(tmp_path, peer, capsys):
     root = conftest.image_folder(tmp_path / "imgs")
-    proc = run_cli(peer + [f"--dataset=folder:{root}", "--image_size=16", "--batch_size=6",
-                           "--width_multiplier=0.0625", "--generations=2", "--epochs=2",
-                           "--warmup_epochs=1", "--recal_images=12", "--regularizer=none",
-                           f"--run_dir={tmp_path / 'run'}", "--quiet"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, _, err = conftest.ke_main_in_process(
+        peer + [f"--dataset=folder:{root}", "--image_size=16", "--batch_size=6",
+                "--width_multiplier=0.0625", "--generations=2", "--epochs=2", "--warmup_epochs=1",
+                "--recal_images=12", "--regularizer=none", f"--run_dir={tmp_path / 'run'}",
+                "--quiet"], capsys)
+    assert code == 0, err[-2000:]
     with open(tmp_path / "run" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(0 <= float(r["test_top1"]) <= 100 for r in rows)

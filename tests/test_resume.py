@@ -196,22 +196,24 @@ def test_resume_restores_masks_and_weights_exactly(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_finished_run_is_left_as_it_is(reference):
+def test_finished_run_is_left_as_it_is(reference, capsys):
     run_dir = reference("kels")
     before = digest(os.path.join(run_dir, "results.csv"))
-    proc = ke_main(run_dir, [f for f in KELS if f != "--quiet"])
-    assert proc.returncode == 0, proc.stderr
-    assert "finished run" in proc.stdout
+    code, out, err = conftest.ke_main_in_process(
+        [f"--run_dir={run_dir}"] + [f for f in KELS if f != "--quiet"], capsys)
+    assert code == 0, err
+    assert "finished run" in out
     assert digest(os.path.join(run_dir, "results.csv")) == before
 
 
 @pytest.mark.slow
-def test_other_flags_are_refused_with_the_differences(reference):
+def test_other_flags_are_refused_with_the_differences(reference, capsys):
     run_dir = reference("kels")
-    proc = ke_main(run_dir, KELS + ["--lr=0.1", "--epochs=4"])
-    assert proc.returncode == 2
-    assert "--epochs: 3 -> 4" in proc.stderr and "--lr: 0.05 -> 0.1" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    code, _, err = conftest.ke_main_in_process(
+        [f"--run_dir={run_dir}"] + KELS + ["--lr=0.1", "--epochs=4"], capsys)
+    assert code == 2
+    assert "--epochs: 3 -> 4" in err and "--lr: 0.05 -> 0.1" in err
+    assert "Traceback" not in err
     with open(os.path.join(run_dir, "config.json")) as f:
         assert json.load(f)["lr"] == 0.05  # untouched
 
