@@ -229,17 +229,6 @@ def results(run_dir):
         return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
 
 
-@pytest.mark.slow
-def test_command_line(tmp_path):
-    proc = ke_main(tmp_path / "run", ["--method=bans", "--generations=2", "--epochs=2",
-                                      "--warmup_epochs=1", "--quiet"])
-    assert proc.returncode == 0, proc.stderr
-    assert [(r["generation"], r["net"], r["method"]) for r in results(tmp_path / "run")] == [
-        ("1", "dense", "bans"), ("2", "dense", "bans")]
-    assert os.path.isdir(tmp_path / "run" / "export" / "dense")
-    assert not os.path.exists(tmp_path / "run" / "export" / "slim")
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run."""

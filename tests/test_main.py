@@ -222,3 +222,5 @@ def test_the_papers_peers_run_from_the_cli_on_a_folder_dataset(tmp_path, peer, c
         rows = list(csv.DictReader(f))
     assert rows and all(0 <= float(r["test_top1"]) <= 100 for r in rows)
     assert (tmp_path / "run" / "export" / "dense").is_dir()
+    # only KE (here with AdaCos) has a slim network; BANs, RePr and DSD ship the dense one
+    assert (tmp_path / "run" / "export" / "slim").is_dir() == (peer == ["--loss=adacos"])

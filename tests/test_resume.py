@@ -104,13 +104,12 @@ def state(run_dir):
 # 40 images / batch 20 = 2 batches per epoch. Each instant: (name, fault, where the run stands
 # afterwards in checkpoints/last: (generation, epochs done, evaluated)).
 CHAINS = {
-    "kels_training": ("kels", [
+    "kels": ("kels", [
         ("mid_epoch", "kill:batch:3", (1, 1, False)),  # epoch 2's first batch done, not epoch 2
         ("after_epoch", "kill:epoch:1", (1, 2, False)),  # resumed: just after epoch 2's checkpoint
         ("generation_boundary", "kill:evaluated:1", (1, 3, True)),  # not yet re-initialized
-    ]),
-    "kels_writing": ("kels", [
-        ("inside_checkpoint_write", "kill:checkpoint:4", (1, 3, False)),  # writing generation_001
+        # re-initialized, generation 2's first epoch trained, its checkpoint half-written
+        ("inside_checkpoint_write", "kill:checkpoint:1", (1, 3, True)),
         ("during_export", "kill:export:1", (2, 3, True)),  # dense exported, slim not yet
     ]),
     "repr": ("repr", [
