@@ -102,6 +102,30 @@ def test_a_net_the_run_does_not_have_exits_2(trained, monkeypatch, capsys):
     assert code == 2 and "--net=slim" in err and "Traceback" not in err
 
 
+class _Scaled(keras.layers.Layer):
+    """Multiplies by a value read from a lookup table: a TensorFlow resource, not a variable."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+            tf.constant([0, 1], tf.int64), tf.constant([0.5, 2.0])), default_value=0.0)
+
+    def call(self, x):
+        return x * self.table.lookup(tf.constant(1, tf.int64))
+
+
+def test_saved_model_of_a_network_reading_a_lookup_table(tmp_path):
+    """Variables alone are saved with the serving function; a network that also reads a lookup
+    table is written through Keras's ExportArchive, which finds the table in its layer."""
+    i = keras.Input((4, 4, 3))
+    model = keras.Model(i, keras.layers.Dense(2)(keras.layers.Flatten()(_Scaled()(i))))
+    path = export.save_saved_model(model, str(tmp_path / "net"))
+    x = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype("float32")
+    served = tf.saved_model.load(path).signatures["serving_default"](images=x)["logits"]
+    np.testing.assert_allclose(served.numpy(), model(x).numpy(), rtol=1e-6)
+    assert os.listdir(tmp_path) == ["net"]  # the first attempt left nothing behind
+
+
 def test_safe_mode_refuses_a_lambda_layer(tmp_path):
     """Loading a saved model never executes code from the file."""
     inputs = keras.Input((4,))
